@@ -1,0 +1,108 @@
+"""Joining the swarm: a hivemind DHT node with a persistent identity, and the addresses others can dial.
+
+The DHT starts a child process (and the p2pd daemon): create it before CUDA is
+touched in the parent. It ignores SIGINT, so :meth:`SwarmNode.shutdown` must be
+called explicitly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import hivemind
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.utils.multiaddr import Multiaddr
+
+
+class SwarmError(Exception):
+    """The swarm cannot be joined as asked; one-line message."""
+
+
+def _is_loopback(maddr: Multiaddr) -> bool:
+    for proto in ("ip4", "ip6"):
+        try:
+            return ipaddress.ip_address(maddr.value_for_protocol(proto)).is_loopback
+        except Exception:  # protocol absent from this multiaddr
+            continue
+    return False
+
+
+def pick_join_address(maddrs: Sequence[Multiaddr], announced: Sequence[str]) -> Multiaddr | None:
+    """The address another machine should dial: announced first, then any non-loopback, then loopback."""
+    if announced:
+        for maddr in maddrs:
+            if any(str(maddr).startswith(a) for a in announced):
+                return maddr
+    ordered = sorted(maddrs, key=lambda m: (_is_loopback(m), "/quic" in str(m), str(m)))
+    return ordered[0] if ordered else None
+
+
+class SwarmNode:
+    """One worker's membership in the DHT: identity on disk, start, addresses, shutdown."""
+
+    def __init__(
+        self,
+        *,
+        identity_path: Path,
+        initial_peers: Sequence[str] = (),
+        host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        announce_maddrs: Sequence[str] = (),
+        record_validators: Sequence[RecordValidatorBase] = (),
+        client_mode: bool = False,
+    ) -> None:
+        self.identity_path = identity_path
+        self.initial_peers = list(initial_peers)
+        self.host_maddrs = list(host_maddrs)
+        self.announce_maddrs = list(announce_maddrs)
+        self.record_validators = list(record_validators)
+        self.client_mode = client_mode
+        self.dht: hivemind.DHT | None = None
+
+    def start(self) -> hivemind.DHT:
+        self.identity_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dht = hivemind.DHT(
+                initial_peers=self.initial_peers,
+                host_maddrs=self.host_maddrs,
+                announce_maddrs=self.announce_maddrs or None,
+                identity_path=str(self.identity_path),
+                record_validators=self.record_validators,
+                client_mode=self.client_mode,
+                start=True,
+            )
+        except Exception as e:  # hivemind raises bare P2P/Runtime errors when peers are unreachable
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if self.initial_peers:
+                raise SwarmError(
+                    f"could not join the swarm through {', '.join(self.initial_peers)}: {reason}"
+                ) from None
+            raise SwarmError(f"could not start the DHT node on {', '.join(self.host_maddrs)}: {reason}") from None
+        return self.dht
+
+    @property
+    def peer_id(self) -> str:
+        assert self.dht is not None, "start() first"
+        return self.dht.peer_id.to_base58()
+
+    def visible_maddrs(self) -> list[Multiaddr]:
+        assert self.dht is not None, "start() first"
+        return list(self.dht.get_visible_maddrs())
+
+    def join_address(self) -> Multiaddr | None:
+        return pick_join_address(self.visible_maddrs(), self.announce_maddrs)
+
+    def write_peer_file(self, path: Path) -> None:
+        """peer.json: {"peer_id": ..., "maddrs": [...]}, written atomically so scripts never read half of it."""
+        maddrs = [str(m) for m in self.visible_maddrs()]
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"peer_id": self.peer_id, "maddrs": maddrs}) + "\n")
+        os.replace(tmp, path)
+
+    def shutdown(self) -> None:
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None

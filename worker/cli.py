@@ -1,0 +1,116 @@
+"""`worker`: the command line. A thin entry point: set up logging, parse config, build, run, always close.
+
+Every option of the config tree (worker/config.py) is a flag here, with the
+field's docstring as its help; user mistakes end in one line on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from worker.config import ConfigError, FieldSpec, field_specs, is_bool_field, is_list_field, load_config
+from worker.console import error_line
+
+# Exit codes: 2 for a mistake in what the user asked, 1 for a failure while running.
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.toml", type=Path, help="TOML file with [run], [model], [data], [train], [outer], [swarm] sections")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for spec in field_specs():
+        group = groups.setdefault(spec.section, parser.add_argument_group(f"[{spec.section}]"))
+        help_text = f"{spec.help} (env {spec.env}; default: {_show_default(spec)})"
+        dest = f"{spec.section}.{spec.name}"
+        if is_bool_field(spec):
+            group.add_argument(f"--{spec.flag}", dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif is_list_field(spec):
+            group.add_argument(f"--{spec.flag}", dest=dest, nargs="+", action="extend", metavar="MADDR", default=argparse.SUPPRESS, help=help_text)
+        else:
+            choices = typing.get_args(spec.annotation) if typing.get_origin(spec.annotation) is typing.Literal else None
+            metavar = "{" + ",".join(map(str, choices)) + "}" if choices else spec.name.upper()
+            group.add_argument(f"--{spec.flag}", dest=dest, metavar=metavar, default=argparse.SUPPRESS, help=help_text)
+
+
+def _show_default(spec: FieldSpec) -> str:
+    if is_list_field(spec):
+        return " ".join(spec.default) or "none"
+    return str(spec.default)
+
+
+def _cli_values(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
+    values = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            if is_list_field(next(s for s in field_specs() if (s.section, s.name) == (section, name))):
+                # Accept both `--initial-peers A B` and `--initial-peers A,B`.
+                value = [item for v in value for item in v.split(",") if item]
+            values[(section, name)] = value
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worker", description="Train one shared language model with peers across the internet (DiLoCo on hivemind).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    start = commands.add_parser("start", help="join (or start) a swarm and train", description="Join (or start) a swarm and train until --max-epochs or Ctrl-C.")
+    _add_config_options(start)
+    start.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="verbosity of library logs (hivemind)")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # hivemind configures its own loggers; keep them at the asked level so the console stays readable.
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", level.upper())
+    logging.getLogger("hivemind").setLevel(getattr(logging, level.upper()))
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from checkpoints import CheckpointError, RunDirLockedError
+    from dht.node import SwarmError
+    from worker.data import DataError
+    from worker.model import ModelError
+    from worker.runtime import Worker, WorkerError
+
+    cfg = load_config(file=args.config, cli=_cli_values(args))
+    worker = Worker(cfg)
+    try:
+        worker.start()
+        worker.install_signal_handlers()
+        worker.run()
+    except (WorkerError, ModelError, DataError, SwarmError, RunDirLockedError, CheckpointError) as e:
+        error_line(str(e))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        return 130
+    finally:
+        worker.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "log_level", "warning"))
+    try:
+        if args.command == "start":
+            return cmd_start(args)
+    except ConfigError as e:
+        error_line(str(e))
+        return EXIT_USAGE
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

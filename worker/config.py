@@ -1,0 +1,314 @@
+"""The worker's one typed configuration tree, and how it is loaded.
+
+Precedence, lowest to highest: defaults < ``--config FILE.toml`` < ``WORKER_*``
+environment variables < command-line flags. The TOML file is nested by section
+(``[train] inner_steps = 500``); every field also has one flag (``--inner-steps``)
+and one environment variable (``WORKER_INNER_STEPS``), named after the field
+unless the field declares another flag name. Unknown keys and bad values are
+refused at load time with a one-line :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A configuration the worker refuses to start with; the message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class RunConfig(_Section):
+    run_dir: Path = Path("runs/default")
+    """Directory holding this worker's identity, checkpoints, peer.json and metrics.jsonl."""
+
+    run_id: str = Field("diloco-tiny", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    """Name of the training run; only peers with the same run id train together."""
+
+    max_epochs: int = Field(0, ge=0)
+    """Stop after this many outer rounds (epochs); 0 trains until Ctrl-C."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the local model trains: auto takes CUDA when present, else CPU."""
+
+    seed: int = 0
+    """Seed of model initialisation and of the shared data order (same on every peer of a run)."""
+
+    checkpoint_every: int = Field(1, ge=1)
+    """Save a checkpoint every N epochs (and always on shutdown)."""
+
+    keep_checkpoints: int = Field(3, ge=1)
+    """How many checkpoints to keep in the run dir; older ones are pruned."""
+
+    threads: int = Field(0, ge=0)
+    """torch CPU threads for this worker; 0 leaves torch's default."""
+
+    progress: bool = True
+    """Show a live progress bar on the console."""
+
+
+class ModelConfig(_Section):
+    preset: str = Field("tiny", json_schema_extra={"flag": "model"})
+    """Model preset (tiny, 150m, 1b, 10b) or a path to a Hugging Face model config directory."""
+
+    compile: bool = False
+    """Wrap the local model in torch.compile (worth it on CUDA for long runs)."""
+
+
+class DataConfig(_Section):
+    dataset: str = "embedded"
+    """'embedded' (the Python standard library's sources), a Hugging Face dataset name, or local .txt/.jsonl/.parquet files or a directory of them."""
+
+    dataset_config: str | None = None
+    """Hugging Face dataset configuration name (e.g. sample-10BT for fineweb-edu)."""
+
+    text_field: str = "text"
+    """Field holding the text in jsonl/parquet/Hugging Face records."""
+
+    tokenizer: str = "bytes"
+    """'bytes' (byte-level, vocab 256 + specials) or a Hugging Face tokenizer name or path."""
+
+    seq_len: int = Field(256, ge=8)
+    """Tokens per packed training sequence."""
+
+
+class TrainConfig(_Section):
+    inner_steps: int = Field(50, ge=1)
+    """H: local optimizer steps between two outer steps."""
+
+    batch_size: int = Field(16, ge=1)
+    """Sequences per inner optimizer step (per worker)."""
+
+    micro_batch_size: int = Field(0, ge=0)
+    """Sequences per forward/backward pass; gradient accumulation fills batch_size. 0 = batch_size."""
+
+    inner_optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Local optimizer: AdamW as in DiLoCo; plain SGD exists for exactness tests."""
+
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate of the inner optimizer."""
+
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The cosine schedule decays to lr * min_lr_ratio."""
+
+    warmup_steps: int = Field(50, ge=0)
+    """Linear warmup of the inner learning rate, in inner steps."""
+
+    total_steps: int = Field(100_000, ge=1)
+    """Length of the cosine schedule in inner steps; after it the rate stays at its minimum."""
+
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay."""
+
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the gradient norm to this value before each inner step; 0 disables."""
+
+    log_every: int = Field(1, ge=1)
+    """Write an inner_step event every N steps (each one reads the loss off the device)."""
+
+
+class OuterConfig(_Section):
+    outer_lr: float = Field(0.7, gt=0)
+    """Learning rate of the outer SGD step on the averaged pseudo-gradient."""
+
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    """Momentum of the outer SGD step."""
+
+    nesterov: bool = True
+    """Use Nesterov momentum in the outer step (DiLoCo's default)."""
+
+
+class SwarmConfig(_Section):
+    initial_peers: list[str] = []
+    """Multiaddrs of peers already in the swarm; empty starts a new swarm."""
+
+    host_maddrs: list[str] = ["/ip4/0.0.0.0/tcp/0"]
+    """Multiaddrs to listen on (use /ip4/0.0.0.0/tcp/PORT to be reachable from other machines)."""
+
+    announce_maddrs: list[str] = []
+    """Multiaddrs to tell other peers (e.g. a public IP behind port forwarding)."""
+
+    compression: Literal["none", "fp16", "int8"] = "none"
+    """Compression of the pseudo-gradients on the wire."""
+
+    averaging_timeout: float = Field(60.0, gt=0)
+    """Longest a worker waits at the outer step for peers and the all-reduce before going on alone."""
+
+    matchmaking_time: float = Field(5.0, gt=0)
+    """How long a worker gathers peers for a round once it reaches the outer step."""
+
+    request_timeout: float = Field(3.0, gt=0)
+    """Timeout of one request to a peer; must be below matchmaking_time."""
+
+    @model_validator(mode="after")
+    def _timeouts_are_ordered(self) -> SwarmConfig:
+        # hivemind's matchmaking needs a request to time out before a group gives up on it.
+        if self.request_timeout >= self.matchmaking_time:
+            raise ValueError("request_timeout must be smaller than matchmaking_time")
+        if self.matchmaking_time >= self.averaging_timeout:
+            raise ValueError("matchmaking_time must be smaller than averaging_timeout")
+        return self
+
+    @field_validator("initial_peers", "host_maddrs", "announce_maddrs")
+    @classmethod
+    def _valid_multiaddrs(cls, values: list[str]) -> list[str]:
+        from hivemind.utils.multiaddr import Multiaddr
+
+        for value in values:
+            try:
+                Multiaddr(value)
+            except Exception as e:  # multiaddr raises several unrelated types
+                raise ValueError(f"{value!r} is not a multiaddr (e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...): {e}") from None
+        return values
+
+
+class WorkerConfig(_Section):
+    """Everything `worker start` can be told."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    outer: OuterConfig = OuterConfig()
+    swarm: SwarmConfig = SwarmConfig()
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> WorkerConfig:
+        micro = self.train.micro_batch_size or self.train.batch_size
+        if self.train.batch_size % micro:
+            raise ValueError("train.batch_size must be a multiple of train.micro_batch_size")
+        return self
+
+
+# ---------------------------------------------------------------------------
+# Fields, flags and environment variables
+
+
+class FieldSpec(typing.NamedTuple):
+    section: str
+    name: str
+    flag: str  # without the leading dashes, e.g. "inner-steps"
+    env: str  # e.g. WORKER_INNER_STEPS
+    help: str
+    annotation: Any
+    default: Any
+
+
+def field_specs() -> list[FieldSpec]:
+    """One entry per leaf option, in declaration order."""
+    specs = []
+    for section, section_field in WorkerConfig.model_fields.items():
+        model_cls = section_field.annotation
+        for name, info in model_cls.model_fields.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            key = str(extra.get("flag", name))
+            specs.append(
+                FieldSpec(
+                    section=section,
+                    name=name,
+                    flag=key.replace("_", "-"),
+                    env="WORKER_" + key.upper().replace("-", "_"),
+                    help=info.description or "",
+                    annotation=info.annotation,
+                    default=info.default,
+                )
+            )
+    return specs
+
+
+def is_list_field(spec: FieldSpec) -> bool:
+    return typing.get_origin(spec.annotation) is list
+
+
+def is_bool_field(spec: FieldSpec) -> bool:
+    return spec.annotation is bool
+
+
+def _parse_env_value(spec: FieldSpec, raw: str) -> Any:
+    if is_list_field(spec):
+        return [item for item in raw.replace(",", " ").split() if item]
+    if is_bool_field(spec):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{spec.env}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
+    return raw  # pydantic coerces strings to int/float/Path and reports what is wrong
+
+
+def _describe_error(error: dict[str, Any], origins: dict[tuple[str, str], str]) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    where = ".".join(loc) if loc else "config"
+    origin = origins.get(loc[:2]) if len(loc) >= 2 else None
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        if len(loc) == 1:
+            allowed = ", ".join(WorkerConfig.model_fields)
+        else:
+            section_cls = WorkerConfig.model_fields[loc[0]].annotation if loc[0] in WorkerConfig.model_fields else None
+            allowed = ", ".join(section_cls.model_fields) if section_cls else ""
+        message = f"unknown key (allowed: {allowed})"
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    suffix = f" (from {origin})" if origin else ""
+    return f"config error: {where}: {message}{suffix}"
+
+
+def load_config(
+    *,
+    file: Path | None = None,
+    cli: dict[tuple[str, str], Any] | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> WorkerConfig:
+    """Merge defaults < file < environment < CLI and validate the result.
+
+    ``cli`` maps (section, field) to values already parsed by argparse; only the
+    options the user actually gave must be present.
+    """
+    environ = os.environ if environ is None else environ
+    data: dict[str, dict[str, Any]] = {}
+    origins: dict[tuple[str, str], str] = {}
+
+    if file is not None:
+        try:
+            with open(file, "rb") as f:
+                loaded = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config error: config file {file} does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"config error: cannot read config file {file}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config error: {file} is not valid TOML: {e}") from None
+        for section, values in loaded.items():
+            if not isinstance(values, dict) or section not in WorkerConfig.model_fields:
+                allowed = ", ".join(f"[{name}]" for name in WorkerConfig.model_fields)
+                raise ConfigError(f"config error: {file}: unknown top-level key {section!r} (allowed sections: {allowed})")
+            data.setdefault(section, {}).update(values)
+            for key in values:
+                origins[(section, key)] = str(file)
+
+    for spec in field_specs():
+        if spec.env in environ:
+            data.setdefault(spec.section, {})[spec.name] = _parse_env_value(spec, environ[spec.env])
+            origins[(spec.section, spec.name)] = f"environment variable {spec.env}"
+
+    for (section, name), value in (cli or {}).items():
+        data.setdefault(section, {})[name] = value
+        flag = next(s.flag for s in field_specs() if (s.section, s.name) == (section, name))
+        origins[(section, name)] = f"--{flag}"
+
+    try:
+        return WorkerConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(_describe_error(first, origins)) from None

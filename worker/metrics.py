@@ -1,0 +1,49 @@
+"""metrics.jsonl: one JSON object per line, each with ``event`` and ``time`` (unix seconds).
+
+The event names and fields are a contract that tests, benchmarks and
+``worker swarm`` read (see DESIGN.md). Lines are flushed as they are written so
+that a reader never waits for a buffer and a crash loses at most one line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class MetricsLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: TextIO | None = None
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+
+    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"event": event, "time": time.time(), **fields}
+        if self._file is not None:
+            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        return record
+
+    def shutdown(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: Path, event: str | None = None) -> list[dict[str, Any]]:
+    """All records of a metrics file (optionally of one event); a torn last line is ignored."""
+    records = []
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event is None or record.get("event") == event:
+            records.append(record)
+    return records

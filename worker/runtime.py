@@ -1,0 +1,274 @@
+"""The worker's lifecycle: start (lock, identity, DHT, model, state), run DiLoCo rounds, shut down cleanly.
+
+Order matters: the DHT (and later the averager) fork processes, so they start
+before CUDA is touched. Every resource acquired in ``start`` is released in
+``shutdown``, which is safe to call after a partial start.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+from averaging.outer import OuterOptimizer
+from checkpoints import CheckpointStore, RunDirLock, TrainingState, param_sha256
+from dht.node import SwarmNode
+from worker.config import WorkerConfig
+from worker.console import RoundProgress, notice
+from worker.data import make_tokenizer, open_stream
+from worker.metrics import MetricsLog
+from worker.model import build_model, count_parameters, model_signature
+from worker.train import InnerTrainer
+
+
+class WorkerError(Exception):
+    """The worker cannot start or go on as asked; one-line message."""
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise WorkerError("--device cuda was asked for but no CUDA device is available (use --device cpu or auto)")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = cfg.run.run_dir
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.lock = RunDirLock(self.run_dir)
+        self.node: SwarmNode | None = None
+        self.store = CheckpointStore(directory=self.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
+        self.stop_requested = False
+        self.epoch = 0  # outer rounds completed: theta_g is the state at the start of round `epoch`
+        self.inner_step = 0  # inner steps done in the current round
+        self.round_tokens = 0
+        self._saved_at: tuple[int, int] | None = None
+        self._started = False  # set once state is loaded: only then is there anything to save
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        # Build the model first (cheap, no CUDA yet) so a shape mismatch is refused before joining anyone.
+        self.tokenizer = make_tokenizer(cfg.data.tokenizer)
+        model = build_model(cfg.model.preset, seed=cfg.run.seed, vocab_min=self.tokenizer.vocab_size)
+        self.signature = model_signature(model)
+        self._check_run_dir()
+
+        self.node = SwarmNode(
+            identity_path=self.run_dir / "identity.key",
+            initial_peers=cfg.swarm.initial_peers,
+            host_maddrs=cfg.swarm.host_maddrs,
+            announce_maddrs=cfg.swarm.announce_maddrs,
+        )
+        self.node.start()
+        self.node.write_peer_file(self.run_dir / "peer.json")
+        self.peer_id = self.node.peer_id
+
+        self.device = pick_device(cfg.run.device)
+        self.names = [name for name, _ in model.named_parameters()]
+        self.outer = OuterOptimizer(
+            [p for _, p in model.named_parameters()],
+            lr=cfg.outer.outer_lr, momentum=cfg.outer.outer_momentum, nesterov=cfg.outer.nesterov,
+        )
+        self.trainer = InnerTrainer(model=model, cfg=cfg.train, device=self.device, compile_model=cfg.model.compile)
+        self.data = open_stream(
+            dataset=cfg.data.dataset, dataset_config=cfg.data.dataset_config, text_field=cfg.data.text_field,
+            tokenizer=self.tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
+            shard_key=self.peer_id, seed=cfg.run.seed,
+        )
+        self.metrics.start()
+        self._load_from_disk()
+        self._started = True
+        self._announce(count_parameters(model))
+
+    def _check_run_dir(self) -> None:
+        """A run dir belongs to one run id and one model shape: refuse to mix them."""
+        path = self.run_dir / "run.json"
+        mine = {"run_id": self.cfg.run.run_id, "model": self.cfg.model.preset, "model_signature": self.signature}
+        if path.exists():
+            try:
+                theirs = json.loads(path.read_text())
+            except (json.JSONDecodeError, OSError) as e:
+                raise WorkerError(f"{path} is unreadable ({e}); move it away to start afresh in this run dir") from None
+            if theirs.get("run_id") != mine["run_id"]:
+                raise WorkerError(
+                    f"run dir {self.run_dir} belongs to run {theirs.get('run_id')!r}, not {mine['run_id']!r}: "
+                    "use another --run-dir or the same --run-id"
+                )
+            if theirs.get("model_signature") != mine["model_signature"]:
+                raise WorkerError(
+                    f"run dir {self.run_dir} holds a model of another shape ({theirs.get('model')!r}), "
+                    f"not {mine['model']!r}: use another --run-dir or the same --model"
+                )
+        else:
+            path.write_text(json.dumps(mine) + "\n")
+
+    def _announce(self, n_params: int) -> None:
+        assert self.node is not None
+        address = self.node.join_address()
+        notice(
+            f"worker {self.peer_id[:12]}… run {self.cfg.run.run_id!r}: model {self.cfg.model.preset} "
+            f"({n_params / 1e6:.2f}M params) on {self.device}, epoch {self.epoch}"
+        )
+        if address is not None:
+            notice(f"to join from another machine: worker start --run-id {self.cfg.run.run_id} --initial-peers {address}")
+
+    def shutdown(self) -> None:
+        try:
+            if self._started and self._saved_at != (self.epoch, self.inner_step):
+                self.save_checkpoint()
+        finally:
+            if self.node is not None:
+                self.node.shutdown()
+                self.node = None
+            self.metrics.shutdown()
+            self.lock.release()
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, shutdown still runs
+            self.stop_requested = True
+            notice(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint (again to force)")
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    # -- the DiLoCo loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        cfg = self.cfg
+        progress = RoundProgress(enabled=cfg.run.progress and sys.stderr.isatty(), inner_steps=cfg.train.inner_steps)
+        progress.start()
+        try:
+            while not self.stop_requested and (cfg.run.max_epochs == 0 or self.epoch < cfg.run.max_epochs):
+                self._inner_phase(progress)
+                if self.stop_requested:
+                    break
+                self._outer_step()
+                if self.epoch % cfg.run.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            progress.shutdown()
+
+    def _inner_phase(self, progress: RoundProgress) -> None:
+        cfg = self.cfg
+        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        started = time.perf_counter()
+        steps_here = 0
+        while self.inner_step < cfg.train.inner_steps and not self.stop_requested:
+            batch = self.data.next_batch()
+            log = (self.inner_step + 1) % cfg.train.log_every == 0 or self.inner_step + 1 == cfg.train.inner_steps
+            loss = self.trainer.step(batch, want_loss=log)
+            self.inner_step += 1
+            steps_here += 1
+            self.round_tokens += tokens_per_step
+            if loss is not None:
+                tps = steps_here * tokens_per_step / max(time.perf_counter() - started, 1e-9)
+                self.metrics.emit(
+                    "inner_step", epoch=self.epoch, step=self.inner_step, loss=loss,
+                    tokens=self.round_tokens, lr=self.trainer.lr, tokens_per_s=tps,
+                )
+                self.last_loss, self.tokens_per_s = loss, tps
+                progress.update(epoch=self.epoch, step=self.inner_step, loss=loss, tps=tps)
+
+    def _outer_step(self) -> None:
+        began = time.perf_counter()
+        self.outer.compute_pseudo_gradient(self.trainer.params)
+        # Alone: this worker's own pseudo-gradient is the average (DiLoCo with M=1).
+        group_size, allreduce_s, sent, received = 1, 0.0, 0, 0
+        self.outer.step()
+        self.outer.copy_to(self.trainer.params)
+        self.epoch += 1
+        self.inner_step = 0
+        tokens, self.round_tokens = self.round_tokens, 0
+        self.metrics.emit(
+            "outer_step", epoch=self.epoch, group_size=group_size, param_sha256=self.param_hash(),
+            blocked_s=time.perf_counter() - began, allreduce_s=allreduce_s, bytes_sent=sent,
+            bytes_received=received, tokens=tokens,
+        )
+
+    def param_hash(self) -> str:
+        return param_sha256(dict(zip(self.names, self.outer.params, strict=True)))
+
+    # -- state on disk -----------------------------------------------------------------------
+
+    def _state(self) -> TrainingState:
+        inner_tensors, inner_meta = self.trainer.optimizer_tensors()
+        tensors: dict[str, dict[str, torch.Tensor]] = {
+            "global": dict(zip(self.names, self.outer.params, strict=True)),
+            "outer": self.outer.state_tensors(),
+            "inner": inner_tensors,
+            "rng": {"cpu": torch.get_rng_state()},
+        }
+        if self.inner_step:
+            # Mid-round: the local model has moved away from theta_g and must be kept too.
+            tensors["local"] = {n: p.detach().cpu() for n, p in zip(self.names, self.trainer.params, strict=True)}
+        meta: dict[str, Any] = {
+            "run_id": self.cfg.run.run_id,
+            "model_signature": self.signature,
+            "inner_step": self.inner_step,
+            "global_step": self.trainer.step_count,
+            "round_tokens": self.round_tokens,
+            "data": self.data.state(),
+            "inner_optimizer": inner_meta,
+            "param_sha256": self.param_hash(),
+        }
+        return TrainingState(epoch=self.epoch, tensors=tensors, meta=meta)
+
+    def save_checkpoint(self) -> Path:
+        path = self.store.save(self._state())
+        self._saved_at = (self.epoch, self.inner_step)
+        self.metrics.emit("checkpoint_saved", epoch=self.epoch, inner_step=self.inner_step, path=str(path))
+        return path
+
+    def _load_from_disk(self) -> None:
+        began = time.perf_counter()
+        loaded = self.store.load_latest()
+        if loaded is None:
+            return
+        for path, reason in loaded.skipped:
+            notice(f"[yellow]checkpoint {path.name} is unusable ({reason}); falling back to an older one[/]")
+        state, meta = loaded.state, loaded.state.meta
+        if meta.get("run_id") != self.cfg.run.run_id or meta.get("model_signature") != self.signature:
+            raise WorkerError(f"checkpoint {loaded.path} belongs to another run or model shape; use another --run-dir")
+        global_tensors = state.tensors["global"]
+        missing = [n for n in self.names if n not in global_tensors]
+        if missing:
+            raise WorkerError(f"checkpoint {loaded.path} lacks parameter {missing[0]}; use another --run-dir")
+        self.outer.load_params([global_tensors[n] for n in self.names])
+        self.outer.load_state_tensors(state.tensors.get("outer", {}))
+        local = state.tensors.get("local")
+        with torch.no_grad():
+            for name, param in zip(self.names, self.trainer.params, strict=True):
+                param.copy_((local or global_tensors)[name])
+        if state.tensors.get("inner"):
+            self.trainer.load_optimizer_tensors(state.tensors["inner"], meta["inner_optimizer"])
+        self.trainer.step_count = int(meta["global_step"])
+        self.data.load_state(meta["data"])
+        if "rng" in state.tensors:
+            torch.set_rng_state(state.tensors["rng"]["cpu"])
+        self.epoch, self.inner_step, self.round_tokens = state.epoch, int(meta["inner_step"]), int(meta["round_tokens"])
+        self._saved_at = (self.epoch, self.inner_step)
+        size = sum(t.numel() * t.element_size() for group in state.tensors.values() for t in group.values())
+        self.metrics.emit(
+            "state_loaded", source="disk", epoch=self.epoch, inner_step=self.inner_step, bytes=size,
+            seconds=time.perf_counter() - began, path=str(loaded.path), skipped=[str(p) for p, _ in loaded.skipped],
+        )
