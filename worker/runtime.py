@@ -45,9 +45,8 @@ class Worker:
         self.cfg = cfg
         self.run_dir = cfg.run.run_dir
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        self.lock = RunDirLock(self.run_dir)
+        self.lock = RunDirLock(run_dir=self.run_dir)
         self.node: SwarmNode | None = None
-        self.store = CheckpointStore(directory=self.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
         self.stop_requested = False
         self.epoch = 0  # outer rounds completed: theta_g is the state at the start of round `epoch`
         self.inner_step = 0  # inner steps done in the current round
@@ -61,6 +60,8 @@ class Worker:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
+        # Only after the lock: the store clears half-written checkpoints left by a crash.
+        self.store = CheckpointStore(directory=self.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         # Build the model first (cheap, no CUDA yet) so a shape mismatch is refused before joining anyone.
