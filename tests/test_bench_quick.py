@@ -1,0 +1,32 @@
+"""Every benchmark script runs in its --quick mode and ends with its one JSON line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, worker_env
+
+
+def run_bench(script: str, *args: str, timeout: float = 300) -> dict:
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", *args], capture_output=True,
+                            text=True, timeout=timeout, env=worker_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_overhead_quick() -> None:
+    out = run_bench("overhead.py")
+    assert out["bench"] == "overhead"
+    assert 0.3 < out["ratio"] < 3  # a sanity range for a noisy 2-core machine; the target is checked by the full run
+    assert out["worker_tokens_per_s"] > 0 and out["bare_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py") if not p.name.startswith("_")))
+def test_every_bench_has_a_quick_mode(script: str) -> None:
+    text = (Path(ROOT) / "bench" / script).read_text()
+    assert "--quick" in text and '"bench"' in text
