@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     start = commands.add_parser("start", help="join (or start) a swarm and train", description="Join (or start) a swarm and train until --max-epochs or Ctrl-C.")
     _add_config_options(start)
     start.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="verbosity of library logs (hivemind)")
+
+    status = commands.add_parser("status", help="list the live peers of a run", description="List the live peers of a run, read from their signed DHT records.")
+    status.add_argument("--initial-peers", nargs="+", action="extend", required=True, metavar="MADDR", help="multiaddr(s) of any peer of the swarm")
+    status.add_argument("--run-id", default="diloco-tiny", help="the run to look at")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="keep looking this long for at least one live peer")
+    status.add_argument("--log-level", default="error", choices=["debug", "info", "warning", "error"], help="verbosity of library logs")
     return parser
 
 
@@ -98,6 +105,42 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    from dht.node import SwarmError, SwarmNode
+    from dht.records import ProgressBoard, record_validators
+    from dht.status import render_json, render_table
+    from rich.console import Console
+
+    peers = [item for value in args.initial_peers for item in value.split(",") if item]
+    cfg = load_config(environ={}, cli={("swarm", "initial_peers"): peers, ("run", "run_id"): args.run_id})
+    with tempfile.TemporaryDirectory() as tmp:
+        node = SwarmNode(
+            identity_path=Path(tmp) / "identity.key", initial_peers=cfg.swarm.initial_peers,
+            record_validators=record_validators(cfg.run.run_id), client_mode=True,
+        )
+        try:
+            node.start()
+            board = ProgressBoard(dht=node.dht, run_id=cfg.run.run_id)
+            deadline = time.monotonic() + args.wait
+            records = board.read()
+            while not records and time.monotonic() < deadline:
+                time.sleep(0.5)
+                records = board.read()
+        except SwarmError as e:
+            error_line(str(e))
+            return EXIT_FAILURE
+        finally:
+            node.shutdown()
+    if args.json:
+        print(render_json(cfg.run.run_id, records))
+    else:
+        render_table(cfg.run.run_id, records, Console())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -105,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "start":
             return cmd_start(args)
+        if args.command == "status":
+            return cmd_status(args)
     except ConfigError as e:
         error_line(str(e))
         return EXIT_USAGE

@@ -149,6 +149,12 @@ class SwarmConfig(_Section):
     request_timeout: float = Field(3.0, gt=0)
     """Timeout of one request to a peer; must be below matchmaking_time."""
 
+    min_peers: int = Field(1, ge=1)
+    """Before the first round, wait until this many peers of the run (this one included) are live."""
+
+    join_timeout: float = Field(120.0, gt=0)
+    """Longest wait for min_peers at start; then training begins with whoever is there."""
+
     @model_validator(mode="after")
     def _timeouts_are_ordered(self) -> SwarmConfig:
         # hivemind's matchmaking needs a request to time out before a group gives up on it.

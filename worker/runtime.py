@@ -20,11 +20,14 @@ import torch
 from averaging.outer import OuterOptimizer
 from checkpoints import CheckpointStore, RunDirLock, TrainingState, param_sha256
 from dht.node import SwarmNode
+from dht.records import load_or_create_record_key, record_validators
+from hivemind.dht.crypto import RSASignatureValidator
 from worker.config import WorkerConfig
 from worker.console import RoundProgress, notice
 from worker.data import make_tokenizer, open_stream
 from worker.metrics import MetricsLog
 from worker.model import build_model, count_parameters, model_signature
+from worker.swarm import LocalProgress, SwarmView
 from worker.train import InnerTrainer
 
 
@@ -53,6 +56,7 @@ class Worker:
         self.round_tokens = 0
         self._saved_at: tuple[int, int] | None = None
         self._started = False  # set once state is loaded: only then is there anything to save
+        self.peers_seen = 1
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -70,22 +74,37 @@ class Worker:
         self.signature = model_signature(model)
         self._check_run_dir()
 
+        record_key = load_or_create_record_key(self.run_dir / "record.key")
         self.node = SwarmNode(
             identity_path=self.run_dir / "identity.key",
             initial_peers=cfg.swarm.initial_peers,
             host_maddrs=cfg.swarm.host_maddrs,
             announce_maddrs=cfg.swarm.announce_maddrs,
+            record_validators=record_validators(cfg.run.run_id, record_key),
         )
-        self.node.start()
+        dht = self.node.start()
         self.node.write_peer_file(self.run_dir / "peer.json")
         self.peer_id = self.node.peer_id
+        self.swarm = SwarmView(
+            dht=dht, run_id=cfg.run.run_id, peer_id=self.peer_id, signer=RSASignatureValidator(record_key),
+            maddrs=[str(m) for m in self.node.visible_maddrs()],
+        )
 
-        self.device = pick_device(cfg.run.device)
         self.names = [name for name, _ in model.named_parameters()]
         self.outer = OuterOptimizer(
             [p for _, p in model.named_parameters()],
             lr=cfg.outer.outer_lr, momentum=cfg.outer.outer_momentum, nesterov=cfg.outer.nesterov,
         )
+        # The averager forks a process: start it before CUDA is touched (pick_device may initialise it).
+        from averaging import SwarmAverager
+
+        self.averager = SwarmAverager(
+            dht=dht, run_id=cfg.run.run_id, template=self.outer.delta, compression=cfg.swarm.compression,
+            matchmaking_time=cfg.swarm.matchmaking_time, request_timeout=cfg.swarm.request_timeout,
+            allreduce_timeout=cfg.swarm.averaging_timeout,
+        )
+        self.averager.start()
+        self.device = pick_device(cfg.run.device)
         self.trainer = InnerTrainer(model=model, cfg=cfg.train, device=self.device, compile_model=cfg.model.compile)
         self.data = open_stream(
             dataset=cfg.data.dataset, dataset_config=cfg.data.dataset_config, text_field=cfg.data.text_field,
@@ -94,6 +113,12 @@ class Worker:
         )
         self.metrics.start()
         self._load_from_disk()
+        self.progress = LocalProgress(epoch=self.epoch, inner_step=self.inner_step, param_sha256=self.param_hash())
+        self.swarm.publish(self.progress, force=True)
+        if cfg.swarm.min_peers > 1:
+            notice(f"waiting up to {cfg.swarm.join_timeout:.0f}s for {cfg.swarm.min_peers} peers of run {cfg.run.run_id!r}…")
+            live = self.swarm.wait_for_peers(count=cfg.swarm.min_peers, until=time.monotonic() + cfg.swarm.join_timeout)
+            notice(f"{live} peer(s) live; starting")
         self._started = True
         self._announce(count_parameters(model))
 
@@ -134,6 +159,10 @@ class Worker:
             if self._started and self._saved_at != (self.epoch, self.inner_step):
                 self.save_checkpoint()
         finally:
+            averager = getattr(self, "averager", None)
+            if averager is not None:
+                averager.shutdown()
+                self.averager = None
             if self.node is not None:
                 self.node.shutdown()
                 self.node = None
@@ -187,23 +216,56 @@ class Worker:
                     "inner_step", epoch=self.epoch, step=self.inner_step, loss=loss,
                     tokens=self.round_tokens, lr=self.trainer.lr, tokens_per_s=tps,
                 )
-                self.last_loss, self.tokens_per_s = loss, tps
-                progress.update(epoch=self.epoch, step=self.inner_step, loss=loss, tps=tps)
+                self.progress.loss, self.progress.tokens_per_s = loss, tps
+                progress.update(epoch=self.epoch, step=self.inner_step, loss=loss, tps=tps, peers=self.peers_seen)
+            self.progress.inner_step = self.inner_step
+            self.swarm.publish(self.progress)
 
     def _outer_step(self) -> None:
+        cfg = self.cfg
         began = time.perf_counter()
+        deadline_mono = time.monotonic() + cfg.swarm.averaging_timeout
         self.outer.compute_pseudo_gradient(self.trainer.params)
-        # Alone: this worker's own pseudo-gradient is the average (DiLoCo with M=1).
-        group_size, allreduce_s, sent, received = 1, 0.0, 0, 0
+        # Tell the others this worker is ready, then check it still holds the swarm's theta_g.
+        self.progress.inner_step = self.inner_step
+        self.swarm.publish(self.progress, force=True)
+        agreement = self.swarm.agreement(epoch=self.epoch, my_hash=self.progress.param_sha256)
+        if not agreement.mine_agrees and self.progress.in_sync:
+            self.progress.in_sync = False
+            notice(
+                f"[bold red]theta_g at epoch {self.epoch} disagrees with the swarm "
+                f"({agreement.votes} of {agreement.peers} peers hold {str(agreement.majority_hash)[:12]}, this peer "
+                f"{self.progress.param_sha256[:12]}): no longer contributing to averaging until it is repaired[/]"
+            )
+            self.metrics.emit("desync", epoch=self.epoch, majority_hash=agreement.majority_hash,
+                              votes=agreement.votes, peers=agreement.peers, param_sha256=self.progress.param_sha256)
+        group_size, allreduce_s, sent, received, expected = 1, 0.0, 0, 0, 1
+        if self.progress.in_sync:
+            # Wait (bounded) for the peers of this round that are still in their inner phase.
+            budget = cfg.swarm.averaging_timeout - cfg.swarm.matchmaking_time
+            expected = self.swarm.wait_for_round(epoch=self.epoch, inner_steps=cfg.train.inner_steps,
+                                                 until=time.monotonic() + max(0.0, budget))
+            if expected > 1:
+                result = self.averager.average(
+                    self.outer.delta, weight=float(self.round_tokens), epoch=self.epoch,
+                    deadline=time.time() + max(1.0, deadline_mono - time.monotonic()),
+                )
+                group_size, allreduce_s = result.group_size, result.allreduce_s
+                sent, received = result.bytes_sent, result.bytes_received
+        # Alone (or the group failed): this worker's own pseudo-gradient is the average (DiLoCo with M=1).
         self.outer.step()
         self.outer.copy_to(self.trainer.params)
         self.epoch += 1
         self.inner_step = 0
         tokens, self.round_tokens = self.round_tokens, 0
+        self.peers_seen = group_size
+        self.progress.epoch, self.progress.inner_step = self.epoch, 0
+        self.progress.param_sha256 = self.param_hash()
+        self.swarm.publish(self.progress, force=True)
         self.metrics.emit(
-            "outer_step", epoch=self.epoch, group_size=group_size, param_sha256=self.param_hash(),
+            "outer_step", epoch=self.epoch, group_size=group_size, param_sha256=self.progress.param_sha256,
             blocked_s=time.perf_counter() - began, allreduce_s=allreduce_s, bytes_sent=sent,
-            bytes_received=received, tokens=tokens,
+            bytes_received=received, tokens=tokens, expected_peers=expected, in_sync=self.progress.in_sync,
         )
 
     def param_hash(self) -> str:

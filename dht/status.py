@@ -1,0 +1,48 @@
+"""`worker status`: the live peers of a run, read from their signed DHT records."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hivemind.utils import get_dht_time
+from rich.console import Console
+from rich.table import Table
+
+from dht.records import ProgressRecord
+
+
+def status_rows(records: list[ProgressRecord]) -> list[dict[str, Any]]:
+    now = get_dht_time()
+    return [
+        {
+            "peer_id": r.peer_id, "epoch": r.epoch, "inner_step": r.inner_step, "tokens_per_s": r.tokens_per_s,
+            "loss": r.loss, "param_sha256": r.param_sha256, "in_sync": r.in_sync, "last_seen_s": round(max(0.0, now - r.time), 1),
+            "maddrs": r.maddrs,
+        }
+        for r in sorted(records, key=lambda r: (-r.epoch, r.peer_id))
+    ]
+
+
+def render_json(run_id: str, records: list[ProgressRecord]) -> str:
+    return json.dumps({"run_id": run_id, "peers": status_rows(records)})
+
+
+def render_table(run_id: str, records: list[ProgressRecord], console: Console) -> None:
+    if not records:
+        console.print(f"no live peers of run {run_id!r} found yet (still looking: are they started with this --run-id?)")
+        return
+    rows = status_rows(records)
+    hashes = {(r["epoch"], r["param_sha256"]) for r in rows}
+    table = Table(title=f"run {run_id}: {len(rows)} live peer(s)")
+    for column in ("peer id", "epoch", "step", "tokens/s", "loss", "param sha256", "in sync", "last seen"):
+        table.add_column(column, justify="right" if column not in ("peer id", "param sha256") else "left")
+    for r in rows:
+        table.add_row(
+            r["peer_id"][:16] + "…", str(r["epoch"]), str(r["inner_step"]), f"{r['tokens_per_s']:,.0f}",
+            f"{r['loss']:.4f}", r["param_sha256"][:12], "yes" if r["in_sync"] else "[red]NO[/]", f"{r['last_seen_s']:.0f}s ago",
+        )
+    console.print(table)
+    epochs = {e for e, _ in hashes}
+    agree = all(len([h for e2, h in hashes if e2 == e]) == 1 for e in epochs)
+    console.print("hashes agree within each epoch: " + ("yes" if agree else "[red]NO[/]"))

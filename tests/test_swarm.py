@@ -1,0 +1,166 @@
+"""Several real `worker` processes on loopback train one model: bitwise agreement, compression, a peer killed mid-round."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import events, start_worker, stop, wait_for
+
+# Short rounds and short timeouts keep a 3-worker test within tens of seconds on 2 cores.
+SWARM = ["--inner-steps", "8", "--matchmaking-time", "2", "--request-timeout", "1", "--averaging-timeout", "20", "--lr", "0.01"]
+
+
+def join_args(run_dir: Path) -> list[str]:
+    peer = wait_for(lambda: (run_dir / "peer.json").exists() and json.loads((run_dir / "peer.json").read_text()),
+                    timeout=60, what=f"{run_dir.name}'s peer.json")
+    return ["--initial-peers", peer["maddrs"][0]]
+
+
+def start_swarm(tmp_path: Path, procs: list, n: int, *args: str) -> list[Path]:
+    dirs = [tmp_path / f"w{i}" for i in range(n)]
+    args = ("--min-peers", str(n), *args)
+    procs.append(start_worker(dirs[0], *SWARM, *args))
+    entry = join_args(dirs[0])
+    for d in dirs[1:]:
+        procs.append(start_worker(d, *SWARM, *args, *entry))
+    return dirs
+
+
+def hashes_by_epoch(dirs: list[Path]) -> dict[int, dict[str, str]]:
+    """epoch -> {worker: param_sha256} over the rounds each worker averaged with others."""
+    table: dict[int, dict[str, str]] = defaultdict(dict)
+    for d in dirs:
+        for r in events(d, "outer_step"):
+            table[r["epoch"]][d.name] = r["param_sha256"]
+    return table
+
+
+def assert_agreement(dirs: list[Path], *, epochs: int) -> None:
+    groups = {d.name: {r["epoch"]: r["group_size"] for r in events(d, "outer_step")} for d in dirs}
+    # Once everyone is up, every round is one group of all workers...
+    last = {d.name: groups[d.name][epochs] for d in dirs}
+    assert set(last.values()) == {len(dirs)}, groups
+    # ...and every member of a full round ends it with the same theta_g, bit for bit.
+    for epoch, by_worker in hashes_by_epoch(dirs).items():
+        if all(groups[name].get(epoch) == len(dirs) for name in by_worker):
+            assert len(set(by_worker.values())) == 1, (epoch, by_worker)
+
+
+def loss_went_down(run_dir: Path) -> bool:
+    inner = events(run_dir, "inner_step")
+    return sum(r["loss"] for r in inner[-8:]) / 8 < sum(r["loss"] for r in inner[:8]) / 8 - 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_three_workers_agree_bitwise(tmp_path: Path, procs: list, compression: str) -> None:
+    epochs = 4
+    dirs = start_swarm(tmp_path, procs, 3, "--max-epochs", str(epochs), "--compression", compression)
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0
+    assert_agreement(dirs, epochs=epochs)
+    assert all(loss_went_down(d) for d in dirs)
+    full = [r for r in events(dirs[0], "outer_step") if r["group_size"] == 3]
+    assert full and all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in full)
+
+
+@pytest.mark.slow
+def test_survivors_finish_the_round_when_a_peer_is_killed_mid_round(tmp_path: Path, procs: list) -> None:
+    dirs = start_swarm(tmp_path, procs, 3, "--max-epochs", "5")
+    victim = procs[2]
+    # Kill the third worker once it has finished round 2's inner phase: it is then at its outer step.
+    wait_for(lambda: any(r["epoch"] == 2 and r["step"] == 8 for r in events(dirs[2], "inner_step")),
+             timeout=180, what="the victim to reach its outer step")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    for proc in procs[:2]:
+        assert proc.wait(timeout=240) == 0
+    survivors = dirs[:2]
+    table = hashes_by_epoch(survivors)
+    for epoch in (4, 5):  # the rounds after the kill: both survivors, same hash, averaged together
+        assert len(set(table[epoch].values())) == 1, table[epoch]
+        assert all(r["group_size"] == 2 for d in survivors for r in events(d, "outer_step") if r["epoch"] == epoch)
+    for d in survivors:
+        assert all(r["param_sha256"] and r["blocked_s"] < 60 for r in events(d, "outer_step"))
+
+
+@pytest.mark.slow
+def test_two_workers_with_unit_outer_lr_equal_large_batch_sgd(tmp_path: Path, procs: list) -> None:
+    """H=1, inner SGD, outer SGD lr 1 momentum 0, equal weights: the swarm takes large-batch SGD steps."""
+    steps, lr = 3, 0.05
+    args = ["--inner-steps", "1", "--max-epochs", str(steps), "--inner-optimizer", "sgd", "--lr", str(lr),
+            "--warmup-steps", "0", "--min-lr-ratio", "1", "--grad-clip", "0", "--outer-lr", "1",
+            "--outer-momentum", "0", "--no-nesterov", "--matchmaking-time", "2", "--request-timeout", "1",
+            "--averaging-timeout", "30"]
+    args += ["--min-peers", "2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    procs.append(start_worker(a, *args))
+    procs.append(start_worker(b, *args, *join_args(a)))
+    for proc in procs:
+        assert proc.wait(timeout=180) == 0
+    assert all(r["group_size"] == 2 for d in (a, b) for r in events(d, "outer_step")), "every round must be averaged"
+
+    from safetensors.torch import load_file
+
+    from worker.data import ByteTokenizer, open_stream
+    from worker.model import build_model
+
+    streams = [
+        open_stream(dataset="embedded", dataset_config=None, text_field="text", tokenizer=ByteTokenizer(), seq_len=64,
+                    batch_size=4, shard_key=json.loads((d / "peer.json").read_text())["peer_id"], seed=0)
+        for d in (a, b)
+    ]
+    model = build_model("tiny", seed=0, vocab_min=259)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        batch = torch.cat([s.next_batch() for s in streams])  # one batch of 8 = the two workers' batches of 4
+        logits = model(input_ids=batch[:, :-1]).logits
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    for d in (a, b):
+        saved = load_file(str(d / "checkpoints" / f"epoch-{steps:06d}" / "global.safetensors"))
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_status_lists_live_peers(tmp_path: Path, procs: list) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, worker_env
+
+    run_dir = tmp_path / "w"
+    procs.append(start_worker(run_dir, "--inner-steps", "5", "--max-epochs", "0"))
+    wait_for(lambda: events(run_dir, "outer_step"), timeout=90, what="a first round")
+    entry = join_args(run_dir)
+    result = subprocess.run([sys.executable, "-m", "worker", "status", *entry, "--run-id", "diloco-tiny", "--json",
+                             "--wait", "20"], capture_output=True, text=True, timeout=90, env=worker_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    peer_id = json.loads((run_dir / "peer.json").read_text())["peer_id"]
+    [row] = status["peers"]
+    assert row["peer_id"] == peer_id and row["epoch"] >= 1 and len(row["param_sha256"]) == 64 and row["in_sync"]
+    table = subprocess.run([sys.executable, "-m", "worker", "status", *entry, "--run-id", "diloco-tiny"],
+                           capture_output=True, text=True, timeout=90, env=worker_env(), cwd=ROOT)
+    assert table.returncode == 0 and peer_id[:16] in table.stdout
+    other = subprocess.run([sys.executable, "-m", "worker", "status", *entry, "--run-id", "another-run"],
+                           capture_output=True, text=True, timeout=90, env=worker_env(), cwd=ROOT)
+    assert other.returncode == 0 and "no live peers of run 'another-run'" in other.stdout
+    assert stop(procs[0]) == 0
+
+
+def test_unreachable_initial_peer_is_a_clear_error(tmp_path: Path) -> None:
+    from tests.helpers import run_worker
+
+    # A port nobody listens on, on loopback.
+    bogus = "/ip4/127.0.0.1/tcp/9/p2p/QmZasc5i6syqkpcn5GpJrRDZodyBuSKF7UUfavaPJxSviN"
+    result = run_worker(tmp_path / "w", "--initial-peers", bogus, "--max-epochs", "1", timeout=120)
+    assert result.returncode == 2
+    assert "could not join the swarm through" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,98 @@
+"""The worker's view of its peers: publishing its progress, waiting for the round's members, checking agreement.
+
+Publishing never blocks the training loop (DHT stores go out as futures); reads
+happen only at the outer step, where the loop waits anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+
+from dht.records import RECORD_TTL, Agreement, ProgressBoard, ProgressRecord, check_agreement
+
+logger = logging.getLogger(__name__)
+
+# How often a training worker refreshes its record: well inside its time to live.
+PUBLISH_EVERY = RECORD_TTL / 4
+
+
+@dataclass
+class LocalProgress:
+    epoch: int = 0
+    inner_step: int = 0
+    tokens_per_s: float = 0.0
+    loss: float = float("nan")
+    param_sha256: str = "0" * 64
+    in_sync: bool = True
+
+
+class SwarmView:
+    """Reads and writes this run's progress board on behalf of one worker."""
+
+    def __init__(self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator, maddrs: list[str]) -> None:
+        self.board = ProgressBoard(dht=dht, run_id=run_id, signer=signer)
+        self.peer_id = peer_id
+        self.maddrs = maddrs
+        self._last_publish = 0.0
+        self._progress: LocalProgress | None = None
+
+    def publish(self, progress: LocalProgress, *, force: bool = False) -> None:
+        self._progress = progress
+        now = time.monotonic()
+        if not force and now - self._last_publish < PUBLISH_EVERY:
+            return
+        self._last_publish = now
+        loss = progress.loss if progress.loss == progress.loss else -1.0  # NaN is not comparable in the schema check
+        record = ProgressRecord(
+            peer_id=self.peer_id, epoch=progress.epoch, inner_step=progress.inner_step,
+            tokens_per_s=float(progress.tokens_per_s), loss=float(loss), param_sha256=progress.param_sha256,
+            in_sync=progress.in_sync, time=hivemind.get_dht_time(), maddrs=self.maddrs,
+        )
+        try:
+            self.board.publish(record, wait=False)
+        except Exception as e:  # a DHT hiccup must never stop training
+            logger.warning("could not publish progress: %s", e)
+
+    def _keep_alive(self) -> None:
+        """While waiting, keep this peer's record from expiring."""
+        if self._progress is not None:
+            self.publish(self._progress)
+
+    def others(self) -> list[ProgressRecord]:
+        try:
+            return [r for r in self.board.read() if r.peer_id != self.peer_id]
+        except Exception as e:
+            logger.warning("could not read the progress board: %s", e)
+            return []
+
+    def wait_for_round(self, *, epoch: int, inner_steps: int, until: float) -> int:
+        """Wait (until the monotonic time `until`) for the live in-sync peers at `epoch` to finish their inner phase.
+
+        Returns how many peers (this one included) are ready for the round. Peers
+        ahead or behind, or out of sync, are not waited for: they will not be in
+        this round's group anyway.
+        """
+        while True:
+            members = [r for r in self.others() if r.epoch == epoch and r.in_sync]
+            ready = [r for r in members if r.inner_step >= inner_steps]
+            if len(ready) == len(members) or time.monotonic() >= until:
+                return len(ready) + 1
+            self._keep_alive()
+            time.sleep(0.2)
+
+    def wait_for_peers(self, *, count: int, until: float) -> int:
+        """Wait (until the monotonic time `until`) for `count` live peers of the run, this one included."""
+        while True:
+            live = len(self.others()) + 1
+            if live >= count or time.monotonic() >= until:
+                return live
+            self._keep_alive()
+            time.sleep(0.3)
+
+    def agreement(self, *, epoch: int, my_hash: str) -> Agreement:
+        return check_agreement(self.others(), epoch=epoch, my_peer_id=self.peer_id, my_hash=my_hash)
