@@ -2,10 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch is pinned and installed first: on a machine whose local wheel cache holds the
-# CPU build that is what pip takes; on a GPU machine PyPI's wheel of the same version
-# is the CUDA build. The project's own range then admits it and pulls nothing more.
-TORCH_SPEC ?= torch==2.13.0
+# torch is pinned and installed first, the right build for the machine:
+# - with an NVIDIA driver (nvidia-smi): PyPI's wheel, which is the CUDA build;
+# - without: the CPU build (torch==X+cpu) from whatever pip is configured with (a local
+#   wheel cache here), else from PyTorch's CPU index, never PyPI's multi-GB CUDA wheel.
+# The project's own torch range then admits it and pip pulls nothing more.
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install run test bench lint clean
 
@@ -14,7 +17,12 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+	else \
+		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+		|| $(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" --index-url "$(TORCH_CPU_INDEX)"; \
+	fi
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
