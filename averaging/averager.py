@@ -1,0 +1,278 @@
+"""``SwarmAverager``: average a fixed list of tensors with the peers of the same run and epoch.
+
+This is the part of ``averaging`` that the worker calls once per outer round::
+
+    averager = SwarmAverager(dht=dht, run_id="demo", template=pseudo_gradients, compression="int8")
+    averager.start()                       # forks: before CUDA is touched
+    result = averager.average(pseudo_gradients, weight=tokens, epoch=epoch, deadline=get_dht_time() + 60)
+    ...
+    averager.shutdown()
+
+``average`` copies the caller's tensors into a shared-memory input buffer, lets the
+background process (``backend.RoundBackend``) find a group and run the all-reduce
+into a separate output buffer, and copies the output back into the caller's tensors
+only when the round succeeded. On every failure path the caller's tensors are left
+exactly as they were and the result says ``group_size=1``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import hivemind
+import torch
+from hivemind.utils import get_dht_time, get_logger
+
+from averaging.backend import RoundBackend
+from averaging.compression import get_codec
+from averaging.round import RoundTicket, round_key_prefix, schema_digest
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class RoundResult:
+    """What one call of ``SwarmAverager.average`` did."""
+
+    group_size: int  # members whose contributions were averaged (1 when alone)
+    allreduce_s: float  # time spent in the successful all-reduce itself
+    matchmaking_s: float  # time spent looking for groups (all attempts; the whole wait when alone)
+    bytes_sent: int  # payload bytes this peer sent in the successful attempt (codec bytes, no framing)
+    bytes_received: int  # payload bytes this peer received in the successful attempt
+    peer_ids: list[str]  # members of the group, this peer included
+    failures: list[str] = field(default_factory=list)  # why earlier attempts (or the round) failed
+
+
+class SwarmAverager:
+    """Averages a fixed list of tensors with whichever peers of the same run reach the same epoch.
+
+    Every member of a group ends with bitwise-identical averaged tensors, whatever the
+    compression (see ``averaging.allreduce``). Peers only group with peers of the same
+    ``run_id``, epoch, compression and tensor shapes (see ``averaging.round``).
+
+    The background process forks and keeps the tensors in shared memory: create and
+    ``start`` it (like the DHT) before CUDA is touched.
+
+    Timeouts, and how they must relate (checked here):
+
+    * ``request_timeout`` < ``matchmaking_time``: a follower waits at most
+      ``request_timeout`` for a leader's answer; a leader waits ``matchmaking_time``
+      for followers. hivemind's matchmaking can deadlock (A asks B while B asks A) and
+      relies on the shorter request timeout to break it.
+    * ``2 * next_chunk_timeout`` <= ``allreduce_timeout``: during the all-reduce a member
+      that sends nothing for ``next_chunk_timeout`` seconds, or a reducer that answers
+      nothing for ``2 * next_chunk_timeout`` (it waits for its slowest sender), fails
+      the attempt; the whole attempt is capped at ``allreduce_timeout``. A dead peer
+      therefore costs the survivors about ``2 * next_chunk_timeout`` at most, after which
+      they look for a new group among themselves.
+    * Per call, the ``deadline`` caps everything: no attempt runs past it, and
+      ``average`` returns by ``deadline + request_timeout + 1 s`` at the latest. A round
+      needs about ``matchmaking_time`` (less when ``target_group_size`` peers show up
+      at once) plus the all-reduce; give the deadline room for a retry.
+
+    :param dht: a started hivemind DHT (its process serves this averager's RPCs)
+    :param run_id: the training run; only peers of the same run average together
+    :param template: tensors with the shapes of what ``average`` will get (fp32)
+    :param compression: ``none``, ``fp16`` or ``int8`` (blockwise); applies to both directions
+    :param matchmaking_time: how long a leader gathers followers before starting (seconds)
+    :param request_timeout: how long a follower waits for a leader's answer (seconds)
+    :param allreduce_timeout: cap on one all-reduce attempt (seconds)
+    :param next_chunk_timeout: silence after which a member is considered dead (seconds)
+    :param target_group_size: start as soon as this many peers joined (None: no cap; wait
+      ``matchmaking_time``)
+    :param min_group_size: fewer peers than this do not average
+    :param chunk_numel: values per message on the wire (a multiple of 64 keeps int8 blocks whole)
+    :param client_mode: True for a peer that cannot accept connections (it never reduces);
+      default: the DHT's client mode
+    :param shutdown_timeout: how long ``shutdown`` waits for the process before killing it
+    """
+
+    def __init__(
+        self,
+        *,
+        dht: hivemind.DHT,
+        run_id: str,
+        template: Sequence[torch.Tensor],
+        compression: str = "none",
+        matchmaking_time: float = 5.0,
+        request_timeout: float = 2.0,
+        allreduce_timeout: float = 60.0,
+        next_chunk_timeout: float = 5.0,
+        target_group_size: int | None = None,
+        min_group_size: int = 2,
+        chunk_numel: int = 2**17,
+        client_mode: bool | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        if not run_id:
+            raise ValueError("run_id must be a non-empty string")
+        if not template or any(t.dtype != torch.float32 for t in template):
+            raise ValueError("template must be a non-empty list of float32 tensors")
+        if not 0 < request_timeout < matchmaking_time:
+            raise ValueError(
+                f"need 0 < request_timeout ({request_timeout}) < matchmaking_time ({matchmaking_time})"
+            )
+        if not 0 < 2 * next_chunk_timeout <= allreduce_timeout:
+            raise ValueError(
+                f"need 0 < 2 * next_chunk_timeout ({next_chunk_timeout}) <= allreduce_timeout ({allreduce_timeout})"
+            )
+        if min_group_size < 2 or (target_group_size is not None and target_group_size < min_group_size):
+            raise ValueError(
+                f"need 2 <= min_group_size ({min_group_size}) <= target_group_size ({target_group_size})"
+            )
+        if chunk_numel <= 0 or chunk_numel % 64:
+            raise ValueError(f"chunk_numel must be a positive multiple of 64, got {chunk_numel}")
+        self.dht, self.run_id = dht, run_id
+        self.shapes = [tuple(t.shape) for t in template]
+        self._numels = [math.prod(shape) for shape in self.shapes]
+        self.total_numel = sum(self._numels)
+        self.codec = get_codec(compression)
+        self.compression = compression
+        self._schema = schema_digest(self.shapes, self.codec.wire_name)
+        self._client_mode = dht.client_mode if client_mode is None else client_mode
+        self._request_timeout = request_timeout
+        self._backend_kwargs = dict(
+            chunk_numel=chunk_numel,
+            matchmaking_time=matchmaking_time,
+            request_timeout=request_timeout,
+            allreduce_timeout=allreduce_timeout,
+            next_chunk_timeout=next_chunk_timeout,
+            target_group_size=target_group_size,
+            min_group_size=min_group_size,
+            client_mode=self._client_mode,
+            shutdown_timeout=shutdown_timeout,
+        )
+        self._backend: RoundBackend | None = None
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.dht.peer_id)
+
+    def start(self) -> None:
+        """Start the background process (forks; do it before CUDA is touched)."""
+        if self._backend is not None:
+            raise RuntimeError("SwarmAverager already started")
+        # Two flat buffers: the input stays intact across retries, the output is published only on success.
+        self._input = torch.zeros(self.total_numel, dtype=torch.float32).share_memory_()
+        self._output = torch.zeros(self.total_numel, dtype=torch.float32).share_memory_()
+        backend = RoundBackend(
+            dht=self.dht,
+            run_id=self.run_id,
+            input_flat=self._input,
+            output_flat=self._output,
+            schema=self._schema,
+            codec=self.codec,
+            **self._backend_kwargs,
+        )
+        backend.run_in_background(await_ready=True, timeout=60.0)
+        self._backend = backend
+
+    def shutdown(self) -> None:
+        """Stop the background process. Safe to call twice or when never started."""
+        backend, self._backend = self._backend, None
+        if backend is not None and backend.is_alive():
+            backend.shutdown()
+
+    def __enter__(self) -> SwarmAverager:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def average(
+        self, tensors: Sequence[torch.Tensor], *, weight: float, epoch: int, deadline: float
+    ) -> RoundResult:
+        """Average ``tensors`` in place with the peers of this run at ``epoch``.
+
+        :param tensors: CPU fp32 tensors shaped like the template; overwritten with the
+          group's weighted average on success, untouched otherwise
+        :param weight: this peer's weight (tokens processed this round), finite and >= 0
+        :param epoch: the round; only peers at the same epoch average together
+        :param deadline: unix (DHT) time by which the round must be over
+        :returns: what happened; ``group_size == 1`` means the tensors were not changed
+        """
+        backend, input_flat, output_flat = self._backend, self._input, self._output
+        if backend is None or input_flat is None or output_flat is None:
+            raise RuntimeError("call start() first")
+        self._check_tensors(tensors)
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+
+        started = time.monotonic()
+
+        def alone(reason: str) -> RoundResult:
+            return RoundResult(1, 0.0, time.monotonic() - started, 0, 0, [self.peer_id], [reason])
+
+        if deadline <= get_dht_time():
+            return alone("deadline already passed")
+        # The lock is held by the background process during an attempt: an attempt that outlived
+        # our wait in an earlier call still owns the buffers, so we skip this round rather than race it.
+        if not backend.lock_averaged_tensors.acquire(timeout=max(0.0, deadline - get_dht_time())):
+            return alone("buffers still busy with an earlier round")
+        try:
+            for view, tensor in zip(self._views(input_flat), tensors, strict=True):
+                view.copy_(tensor.detach())
+        finally:
+            backend.lock_averaged_tensors.release()
+
+        ticket = RoundTicket(
+            run_id=self.run_id,
+            epoch=epoch,
+            weight=float(weight),
+            codec=self.codec.wire_name,
+            schema=self._schema,
+            accepts_connections=not self._client_mode,
+        )
+        try:
+            step = backend.begin_round(
+                ticket=ticket, key_prefix=round_key_prefix(self.run_id, epoch), deadline=deadline
+            )
+        except Exception as e:
+            logger.warning(f"could not start an averaging round: {e!r}")
+            return alone(f"could not start: {e!r}")
+        try:
+            stats = step.result(timeout=max(0.0, deadline - get_dht_time()) + self._request_timeout + 1.0)
+        except BaseException as e:
+            if not step.done():
+                step.cancel()
+            if not isinstance(e, Exception):
+                raise
+            logger.info(f"averaging round at epoch {epoch} ended alone: {e!r}")
+            return alone(repr(e))
+
+        # Success: publish the output. The background process released the lock before reporting.
+        with backend.lock_averaged_tensors:
+            for view, tensor in zip(self._views(output_flat), tensors, strict=True):
+                tensor.copy_(view)
+        return RoundResult(
+            group_size=int(stats["group_size"]),
+            allreduce_s=float(stats["allreduce_s"]),
+            matchmaking_s=float(stats["matchmaking_s"]),
+            bytes_sent=int(stats["bytes_sent"]),
+            bytes_received=int(stats["bytes_received"]),
+            peer_ids=list(stats["peer_ids"]),
+            failures=list(stats["failures"]),
+        )
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [part.view(shape) for part, shape in zip(flat.split(self._numels), self.shapes, strict=True)]
+
+    def _check_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
+        if len(tensors) != len(self.shapes):
+            raise ValueError(f"expected {len(self.shapes)} tensors, got {len(tensors)}")
+        for index, (tensor, shape) in enumerate(zip(tensors, self.shapes, strict=True)):
+            if tuple(tensor.shape) != shape or tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+                raise ValueError(
+                    f"tensor {index}: expected float32 CPU {shape}, got {tensor.dtype} {tensor.device} {tuple(tensor.shape)}"
+                )
+            # A NaN would poison every member's average; it is the caller's bug, not the swarm's.
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"tensor {index} has non-finite values")

@@ -1,0 +1,322 @@
+"""The averager's background process: hivemind's ``DecentralizedAverager`` driving our runner.
+
+What we keep from hivemind: the process and its control pipe, the P2P handlers,
+matchmaking (leaders, followers, group ids, gathered metadata) and the group registry
+that routes ``rpc_aggregate_part`` streams to the running group.
+
+What we replace:
+
+* ``_run_round`` instead of ``_step``: sets the matchmaking key of the round's epoch,
+  retries matchmaking after a failed attempt while the deadline allows, caps each
+  attempt at the deadline and reports statistics;
+* ``_allreduce`` instead of ``_aggregate_with_group``: checks the gathered tickets
+  (``round.check_group``) and runs ``IdenticalAllReduce`` on two flat shared-memory
+  buffers (input: read only; output: complete only on success);
+* ``rpc_aggregate_part``: the same routing with timeouts, so a peer that opens a
+  stream and stays silent cannot hold a handler forever;
+* ``run_in_background``: hivemind sets SIGINT to "ignore" in the *calling* process
+  and never restores it (and fails outside the main thread); we restore it;
+* ``_shutdown``: hivemind's calls ``finalize`` on futures when a group is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+# typing's AsyncIterator, not collections.abc's: hivemind's ServicerBase reads the rpc_* annotations
+# and only recognizes typing.AsyncIterator[...] as a stream (otherwise the stub makes a unary call).
+from typing import Any, AsyncIterator  # noqa: UP035
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import AllreduceException
+from hivemind.dht import DHT
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture, get_dht_time, get_logger
+from hivemind.utils.asyncio import achain, as_aiter, enter_asynchronously
+
+from averaging.allreduce import IdenticalAllReduce
+from averaging.compression import Codec
+from averaging.partition import Partition
+from averaging.round import RoundTicket, check_group, handler_namespace
+
+logger = get_logger(__name__)
+
+# After a failed attempt, wait this long before matchmaking again: avoids a hot loop when
+# matchmaking itself fails at once (e.g. a DHT hiccup).
+_RETRY_PAUSE_S = 0.2
+# Failure reasons kept per round (the last ones), for RoundResult.failures.
+_MAX_FAILURES_KEPT = 8
+
+
+class RoundCancelled(AllreduceException):
+    """The caller gave up on the round (its deadline passed on its side)."""
+
+
+class RoundBackend(DecentralizedAverager):
+    """Background process that runs averaging rounds on two flat fp32 shared-memory buffers.
+
+    Create it before CUDA is touched (it forks). The parent writes ``input_flat`` while
+    holding ``lock_averaged_tensors``; during an attempt this process holds the same lock,
+    reads ``input_flat`` and writes ``output_flat``.
+    """
+
+    #: the runner class; a test can substitute a subclass (e.g. one that dies mid-way)
+    runner_type: type[IdenticalAllReduce] = IdenticalAllReduce
+
+    def __init__(
+        self,
+        *,
+        dht: DHT,
+        run_id: str,
+        input_flat: torch.Tensor,
+        output_flat: torch.Tensor,
+        schema: bytes,
+        codec: Codec,
+        chunk_numel: int,
+        matchmaking_time: float,
+        request_timeout: float,
+        allreduce_timeout: float,
+        next_chunk_timeout: float,
+        target_group_size: int | None,
+        min_group_size: int,
+        client_mode: bool | None,
+        shutdown_timeout: float,
+    ) -> None:
+        super().__init__(
+            averaged_tensors=[input_flat, output_flat],
+            dht=dht,
+            start=False,
+            prefix=handler_namespace(run_id),
+            target_group_size=target_group_size,
+            min_group_size=min_group_size,
+            min_matchmaking_time=matchmaking_time,
+            request_timeout=request_timeout,
+            allreduce_timeout=allreduce_timeout,
+            sender_timeout=next_chunk_timeout,
+            reducer_timeout=2 * next_chunk_timeout,
+            allow_state_sharing=False,
+            client_mode=client_mode,
+            shutdown_timeout=shutdown_timeout,
+        )
+        # hivemind compares schema_hash in matchmaking: ours covers the template's shapes and the codec.
+        self.schema_hash = schema
+        self.codec = codec
+        self.chunk_numel = chunk_numel
+        self.total_numel = input_flat.numel()
+        self._round_lock: asyncio.Lock | None = None
+
+    # ---------------------------------------------------------------- parent side
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        """Start the process; it ignores SIGINT (the parent owns Ctrl-C and calls ``shutdown``)."""
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+        try:
+            self.start()
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous)
+        if await_ready:
+            self.wait_until_ready(timeout)
+
+    def begin_round(self, *, ticket: RoundTicket, key_prefix: str, deadline: float) -> StepControl:
+        """Ask the process to run one round; returns a future of the round's statistics (a dict)."""
+        scheduled_time = min(get_dht_time() + self.matchmaking_kwargs["min_matchmaking_time"], deadline)
+        step = StepControl(
+            scheduled_time=scheduled_time,
+            deadline=deadline,
+            allow_retries=True,
+            weight=ticket.weight,
+            data_for_gather=ticket.to_bytes(),
+        )
+        future_for_init: MPFuture[tuple[MPFuture[None], MPFuture[None]]] = MPFuture()
+        self._outer_pipe.send(
+            (
+                "_run_round",
+                [],
+                dict(step=step, future_for_init=future_for_init, ticket=ticket, key_prefix=key_prefix),
+            )
+        )
+        step.attach(*future_for_init.result(timeout=max(5.0, self.matchmaking_kwargs["request_timeout"])))
+        step.allow_allreduce()
+        return step
+
+    # ---------------------------------------------------------------- background process
+
+    async def _run_round(
+        self,
+        *,
+        step: StepControl,
+        future_for_init: MPFuture[tuple[MPFuture[None], MPFuture[None]]],
+        ticket: RoundTicket,
+        key_prefix: str,
+    ) -> None:
+        trigger: MPFuture[None] = MPFuture()
+        cancel: MPFuture[None] = MPFuture()
+        step.attach(trigger, cancel)
+        future_for_init.set_result((trigger, cancel))
+        matchmaking_s = 0.0
+        attempts = 0
+        failures: list[str] = []
+        try:
+            if self._round_lock is None:
+                self._round_lock = asyncio.Lock()
+            async with self._round_lock:  # one round at a time: they share the buffers
+                # The epoch is part of the key: peers at other epochs look elsewhere and are refused.
+                self._matchmaking.group_key_manager.prefix = key_prefix
+                while not step.done():
+                    if get_dht_time() >= step.deadline:
+                        raise AllreduceException(f"deadline passed after {attempts} failed attempts")
+                    started = time.monotonic()
+                    try:
+                        group_info = await self._look_for_group(step)
+                    except RoundCancelled:
+                        raise
+                    except Exception as e:
+                        attempts += 1
+                        failures.append(f"matchmaking: {e!r}"[:500])
+                        del failures[:-_MAX_FAILURES_KEPT]
+                        await asyncio.sleep(_RETRY_PAUSE_S)
+                        continue
+                    finally:
+                        matchmaking_s += time.monotonic() - started
+                    if group_info is None:
+                        raise AllreduceException(
+                            f"no group formed before the deadline ({attempts} failed attempts)"
+                        )
+                    try:
+                        with self._group_registered(group_info):
+                            step.stage = AveragingStage.RUNNING_ALLREDUCE
+                            budget = min(self._allreduce_timeout, step.deadline - get_dht_time())
+                            stats = await asyncio.wait_for(
+                                self._allreduce(group_info, ticket), timeout=budget
+                            )
+                        stats.update(matchmaking_s=matchmaking_s, failures=failures)
+                        step.set_result(stats)
+                    except Exception as e:
+                        attempts += 1
+                        failures.append(f"group of {group_info.group_size}: {e!r}"[:500])
+                        del failures[:-_MAX_FAILURES_KEPT]
+                        logger.info(f"averaging attempt in a group of {group_info.group_size} failed: {e!r}")
+                        await asyncio.sleep(_RETRY_PAUSE_S)
+        except Exception as e:
+            if not step.done():
+                step.set_exception(AllreduceException(" / ".join([str(e), *failures[-2:]])[:2000]))
+        except BaseException as e:
+            if not step.done():
+                step.set_exception(AllreduceException(f"round interrupted: {e!r}"))
+            raise
+        finally:
+            step.stage = AveragingStage.FINISHED
+
+    async def _look_for_group(self, step: StepControl) -> GroupInfo | None:
+        """hivemind's matchmaking, abandoned if the parent cancels the round."""
+        self._pending_groups_registered.clear()
+        step.stage = AveragingStage.LOOKING_FOR_GROUP
+        matchmaking = asyncio.create_task(self._matchmaking.look_for_group(step))
+        cancelled = asyncio.create_task(step.wait_for_cancel())
+        try:
+            await asyncio.wait({matchmaking, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            if step.cancelled():
+                raise RoundCancelled("round cancelled by the caller")
+            return await matchmaking
+        finally:
+            for task in (matchmaking, cancelled):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    @contextlib.contextmanager
+    def _group_registered(self, group_info: GroupInfo) -> Iterator[None]:
+        """Route incoming ``rpc_aggregate_part`` streams of this group to its runner while it runs."""
+        future: asyncio.Future[IdenticalAllReduce] = asyncio.get_running_loop().create_future()
+        self._running_groups[group_info.group_id] = future
+        self._pending_groups_registered.set()
+        try:
+            yield
+        finally:
+            self._running_groups.pop(group_info.group_id, None)
+            if not future.done():
+                future.cancel()  # handlers waiting for a runner that will never exist give up
+            else:
+                future.result().finalize(cancel=True)
+            self._pending_groups_registered.set()
+
+    async def _allreduce(self, group_info: GroupInfo, ticket: RoundTicket) -> dict[str, Any]:
+        """One attempt in an assembled group; returns statistics, raises on any failure."""
+        tickets = [RoundTicket.from_bytes(data) for data in group_info.gathered]
+        check_group(tickets, ticket)  # every member takes the same decision from the same tickets
+        partition = Partition.build(
+            self.total_numel, [int(t.accepts_connections) for t in tickets], chunk_numel=self.chunk_numel
+        )
+        async with enter_asynchronously(self.get_tensors()) as buffers:
+            input_flat, output_flat = buffers
+            runner = self.runner_type(
+                p2p=self._p2p,
+                servicer_type=type(self),
+                namespace=self.prefix,
+                group_id=group_info.group_id,
+                peer_ids=group_info.peer_ids,
+                weights=[t.weight for t in tickets],
+                partition=partition,
+                input_flat=input_flat,
+                output_flat=output_flat,
+                codec=self.codec,
+                sender_timeout=self.allreduce_kwargs["sender_timeout"],
+                reducer_timeout=self.allreduce_kwargs["reducer_timeout"],
+            )
+            self._running_groups[group_info.group_id].set_result(runner)
+            started = time.monotonic()
+            await runner.run()
+            allreduce_s = time.monotonic() - started
+        return dict(
+            group_size=group_info.group_size,
+            peer_ids=[str(peer_id) for peer_id in group_info.peer_ids],
+            allreduce_s=allreduce_s,
+            bytes_sent=runner.bytes_sent,
+            bytes_received=runner.bytes_received,
+        )
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """Route a member's stream to the runner of its group (hivemind's routing, with timeouts)."""
+        timeout = self.allreduce_kwargs["sender_timeout"]
+        try:
+            request = await asyncio.wait_for(stream.__anext__(), timeout)
+        except (TimeoutError, StopAsyncIteration):
+            return
+        if request.group_id not in self._running_groups:
+            # The leader's BEGIN_ALLREDUCE may reach us after a groupmate's first chunk.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pending_groups_registered.wait(), timeout)
+        future = self._running_groups.get(request.group_id)
+        if future is not None:
+            await asyncio.wait([future], timeout=timeout)
+        if future is None or not future.done() or future.cancelled():
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        async for message in future.result().rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield message
+
+    async def _shutdown(self, timeout: float | None) -> None:
+        for future in list(self._running_groups.values()):
+            if future.done() and not future.cancelled():
+                future.result().finalize(cancel=True)
+            else:
+                future.cancel()
+        if not self.client_mode:
+            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+
+    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
+        # State sharing is off (checkpoints/ serves the state); never hand out our buffers.
+        return None, [], None
