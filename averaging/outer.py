@@ -69,7 +69,9 @@ class OuterOptimizer:
             buf = tensors.get(f"momentum.{i}")
             if buf is not None:
                 if buf.shape != param.shape:
-                    raise ValueError(f"outer momentum {i} has shape {tuple(buf.shape)}, expected {tuple(param.shape)}")
+                    raise ValueError(
+                        f"outer momentum {i} has shape {tuple(buf.shape)}, expected {tuple(param.shape)}"
+                    )
                 self._opt.state[param]["momentum_buffer"] = buf.to(torch.float32).clone()
 
     @torch.no_grad()
