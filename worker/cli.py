@@ -109,10 +109,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
+    from rich.console import Console
+
     from dht.node import SwarmError, SwarmNode
     from dht.records import ProgressBoard, record_validators
     from dht.status import render_json, render_table
-    from rich.console import Console
 
     peers = [item for value in args.initial_peers for item in value.split(",") if item]
     cfg = load_config(environ={}, cli={("swarm", "initial_peers"): peers, ("run", "run_id"): args.run_id})
@@ -137,7 +138,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(render_json(cfg.run.run_id, records))
     else:
-        render_table(cfg.run.run_id, records, Console())
+        # Piped output has no width: give the table room rather than cutting peer ids.
+        render_table(cfg.run.run_id, records, Console() if sys.stdout.isatty() else Console(width=200))
     return 0
 
 

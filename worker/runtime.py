@@ -16,12 +16,12 @@ from types import FrameType
 from typing import Any
 
 import torch
+from hivemind.dht.crypto import RSASignatureValidator
 
 from averaging.outer import OuterOptimizer
 from checkpoints import CheckpointStore, RunDirLock, TrainingState, param_sha256
 from dht.node import SwarmNode
 from dht.records import load_or_create_record_key, record_validators
-from hivemind.dht.crypto import RSASignatureValidator
 from worker.config import WorkerConfig
 from worker.console import RoundProgress, notice
 from worker.data import make_tokenizer, open_stream

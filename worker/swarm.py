@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
 
 from dht.records import RECORD_TTL, Agreement, ProgressBoard, ProgressRecord, check_agreement
 
@@ -51,7 +52,7 @@ class SwarmView:
         record = ProgressRecord(
             peer_id=self.peer_id, epoch=progress.epoch, inner_step=progress.inner_step,
             tokens_per_s=float(progress.tokens_per_s), loss=float(loss), param_sha256=progress.param_sha256,
-            in_sync=progress.in_sync, time=hivemind.get_dht_time(), maddrs=self.maddrs,
+            in_sync=progress.in_sync, time=get_dht_time(), maddrs=self.maddrs,
         )
         try:
             self.board.publish(record, wait=False)
