@@ -1,0 +1,105 @@
+"""Separate hosts on one machine: network namespaces joined by a bridge, links optionally shaped with tbf.
+
+Only the addresses made here (a 10.X.0.0/24 that exists only inside these
+namespaces) are ever used. Everything is removed on exit, even after a failure.
+Needs root; ``available()`` says whether this machine allows it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def available() -> tuple[bool, str]:
+    if os.geteuid() != 0:
+        return False, "network namespaces need root"
+    if shutil.which("ip") is None:
+        return False, "the ip tool (iproute2) is not installed"
+    probe = f"probe{uuid.uuid4().hex[:6]}"
+    made = _ip("netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return False, f"cannot create a network namespace: {made.stderr.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return True, ""
+
+
+@dataclass
+class Host:
+    name: str  # namespace name
+    address: str  # its IPv4 address on the shared bridge
+
+    def command(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+
+@dataclass
+class Network:
+    """N hosts on one bridge; each host's uplink (its side of the veth) may be capped with tbf."""
+
+    hosts: list[Host] = field(default_factory=list)
+    _bridge_ns: str = ""
+
+    @classmethod
+    def create(cls, n: int, *, rate_mbit: float | None = None, subnet_octet: int | None = None) -> Network:
+        tag = uuid.uuid4().hex[:6]
+        octet = subnet_octet if subnet_octet is not None else 100 + int(tag, 16) % 100
+        net = cls(_bridge_ns=f"dlbr{tag}")
+        try:
+            _ip("netns", "add", net._bridge_ns)
+            _ip("-n", net._bridge_ns, "link", "add", "br0", "type", "bridge")
+            _ip("-n", net._bridge_ns, "link", "set", "br0", "up")
+            for i in range(n):
+                host = Host(name=f"dlh{tag}{i}", address=f"10.{octet}.0.{i + 1}")
+                _ip("netns", "add", host.name)
+                net.hosts.append(host)
+                _ip("link", "add", f"v{tag}{i}", "netns", host.name, "type", "veth", "peer", "name", f"b{tag}{i}",
+                    "netns", net._bridge_ns)
+                _ip("-n", host.name, "link", "set", "lo", "up")
+                _ip("-n", host.name, "link", "set", f"v{tag}{i}", "name", "eth0")
+                _ip("-n", host.name, "addr", "add", f"{host.address}/24", "dev", "eth0")
+                _ip("-n", host.name, "link", "set", "eth0", "up")
+                _ip("-n", net._bridge_ns, "link", "set", f"b{tag}{i}", "master", "br0")
+                _ip("-n", net._bridge_ns, "link", "set", f"b{tag}{i}", "up")
+                if rate_mbit:
+                    net.shape(host, rate_mbit=rate_mbit)
+        except Exception:
+            net.destroy()
+            raise
+        return net
+
+    def shape(self, host: Host, *, rate_mbit: float) -> None:
+        """Cap what `host` sends (its uplink) at rate_mbit with a token bucket."""
+        burst = max(32_000, int(rate_mbit * 1e6 / 8 / 250))  # ~4 ms of traffic: smooth but not starved
+        subprocess.run(
+            ["ip", "netns", "exec", host.name, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
+             "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "50ms"],
+            check=True, capture_output=True, text=True,
+        )
+
+    def destroy(self) -> None:
+        for host in self.hosts:
+            # Kill anything still running inside before the namespace goes.
+            pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            _ip("netns", "del", host.name, check=False)
+        if self._bridge_ns:
+            _ip("netns", "del", self._bridge_ns, check=False)
+        self.hosts = []
+
+    def __enter__(self) -> Network:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()

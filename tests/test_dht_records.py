@@ -1,0 +1,78 @@
+"""Join addresses, signed progress records and the agreement check, on real DHT nodes on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hivemind
+import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
+
+from dht.node import pick_join_address
+from dht.records import (
+    ProgressBoard,
+    ProgressRecord,
+    check_agreement,
+    load_or_create_record_key,
+    record_validators,
+)
+
+
+def test_join_address_is_not_loopback_when_another_exists() -> None:
+    maddrs = [Multiaddr("/ip4/127.0.0.1/tcp/5/p2p/QmZasc5i6syqkpcn5GpJrRDZodyBuSKF7UUfavaPJxSviN"),
+              Multiaddr("/ip4/192.168.3.4/tcp/5/p2p/QmZasc5i6syqkpcn5GpJrRDZodyBuSKF7UUfavaPJxSviN")]
+    assert str(pick_join_address(maddrs, [])).startswith("/ip4/192.168.3.4/")
+    assert str(pick_join_address(maddrs[:1], [])).startswith("/ip4/127.0.0.1/")
+
+
+def record(peer: str, epoch: int, digest: str) -> ProgressRecord:
+    return ProgressRecord(peer_id=peer, epoch=epoch, inner_step=0, tokens_per_s=1.0, loss=2.0, param_sha256=digest,
+                          in_sync=True, time=get_dht_time(), maddrs=[])
+
+
+def test_agreement_is_by_majority_of_the_same_epoch() -> None:
+    a, b = "a" * 64, "b" * 64
+    others = [record("p1", 3, a), record("p2", 3, a), record("p3", 4, b)]
+    assert check_agreement(others, epoch=3, my_peer_id="me", my_hash=a).mine_agrees
+    verdict = check_agreement(others, epoch=3, my_peer_id="me", my_hash=b)
+    assert not verdict.mine_agrees and verdict.majority_hash == a and verdict.votes == 2 and verdict.peers == 3
+    # A tie names no majority and condemns nobody.
+    assert check_agreement([record("p1", 3, a)], epoch=3, my_peer_id="me", my_hash=b).mine_agrees
+
+
+def test_records_are_signed_and_cannot_be_overwritten_by_another_peer(tmp_path: Path) -> None:
+    key_a, key_b = load_or_create_record_key(tmp_path / "a.key"), load_or_create_record_key(tmp_path / "b.key")
+    assert load_or_create_record_key(tmp_path / "a.key").to_bytes() == key_a.to_bytes()  # persisted
+    dht_a = hivemind.DHT(start=True, record_validators=record_validators("run", key_a))
+    dht_b = hivemind.DHT(start=True, initial_peers=dht_a.get_visible_maddrs(), record_validators=record_validators("run", key_b))
+    try:
+        signer_a, signer_b = RSASignatureValidator(key_a), RSASignatureValidator(key_b)
+        board_a = ProgressBoard(dht=dht_a, run_id="run", signer=signer_a)
+        board_b = ProgressBoard(dht=dht_b, run_id="run", signer=signer_b)
+        assert board_a.publish(record("peer-a", 1, "a" * 64))
+        assert board_b.publish(record("peer-b", 1, "b" * 64))
+        # b tries to write under a's subkey: the signature validator refuses it.
+        forged = dht_b.store(board_b.progress_key, subkey=signer_a.local_public_key, value=record("peer-a", 9, "f" * 64).dict(),
+                             expiration_time=get_dht_time() + 30)
+        assert not forged
+        # A value of the wrong shape is refused by the schema.
+        bad = dht_b.store(board_b.progress_key, subkey=signer_b.local_public_key, value={"epoch": "nine"},
+                          expiration_time=get_dht_time() + 30)
+        assert not bad
+        seen = {r.peer_id: r for r in board_a.read()}
+        assert seen["peer-a"].epoch == 1 and seen["peer-b"].param_sha256 == "b" * 64
+    finally:
+        dht_a.shutdown()
+        dht_b.shutdown()
+
+
+@pytest.mark.parametrize("field", ["epoch", "param_sha256"])
+def test_schema_is_strict(field: str) -> None:
+    import pydantic.v1 as pydantic
+
+    values = record("p", 1, "a" * 64).dict()
+    values[field] = "1" if field == "epoch" else "not-a-hash"
+    with pytest.raises(pydantic.ValidationError):
+        ProgressRecord.parse_obj(values)
