@@ -7,6 +7,7 @@ Needs root; ``available()`` says whether this machine allows it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -89,10 +90,8 @@ class Network:
             # Kill anything still running inside before the namespace goes.
             pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True, text=True).stdout.split()
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
             _ip("netns", "del", host.name, check=False)
         if self._bridge_ns:
             _ip("netns", "del", self._bridge_ns, check=False)
