@@ -41,7 +41,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_logger
 
-from averaging.compression import Codec
+from averaging.compression import Codec, all_finite
 from averaging.partition import Partition
 
 logger = get_logger(__name__)
@@ -442,7 +442,7 @@ class IdenticalAllReduce:
         for factor, values in zip(self._factors, contributions, strict=True):
             if factor != 0.0:
                 average.add_(values, alpha=factor)
-        if not bool(torch.isfinite(average).all()):
+        if not all_finite(average):
             raise AllReduceFailed("the weighted average overflowed")
         payload = self._codec.encode(average)
         return payload, self._codec.decode(payload, average.numel())

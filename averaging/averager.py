@@ -27,7 +27,7 @@ import torch
 from hivemind.utils import get_dht_time, get_logger
 
 from averaging.backend import RoundBackend
-from averaging.compression import get_codec
+from averaging.compression import all_finite, get_codec
 from averaging.round import RoundTicket, round_key_prefix, schema_digest
 
 logger = get_logger(__name__)
@@ -274,5 +274,5 @@ class SwarmAverager:
                     f"tensor {index}: expected float32 CPU {shape}, got {tensor.dtype} {tensor.device} {tuple(tensor.shape)}"
                 )
             # A NaN would poison every member's average; it is the caller's bug, not the swarm's.
-            if not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 raise ValueError(f"tensor {index} has non-finite values")

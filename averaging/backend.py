@@ -41,7 +41,7 @@ from hivemind.dht import DHT
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_dht_time, get_logger
-from hivemind.utils.asyncio import achain, as_aiter, enter_asynchronously
+from hivemind.utils.asyncio import achain, as_aiter
 
 from averaging.allreduce import IdenticalAllReduce
 from averaging.compression import Codec
@@ -258,8 +258,8 @@ class RoundBackend(DecentralizedAverager):
         partition = Partition.build(
             self.total_numel, [int(t.accepts_connections) for t in tickets], chunk_numel=self.chunk_numel
         )
-        async with enter_asynchronously(self.get_tensors()) as buffers:
-            input_flat, output_flat = buffers
+        async with self._buffers_locked(timeout=self.allreduce_kwargs["sender_timeout"]):
+            input_flat, output_flat = self._averaged_tensors
             runner = self.runner_type(
                 p2p=self._p2p,
                 servicer_type=type(self),
@@ -285,6 +285,25 @@ class RoundBackend(DecentralizedAverager):
             bytes_sent=runner.bytes_sent,
             bytes_received=runner.bytes_received,
         )
+
+    @contextlib.asynccontextmanager
+    async def _buffers_locked(self, timeout: float) -> AsyncIterator[None]:
+        """Hold the buffers' lock (shared with the parent) without blocking the event loop.
+
+        Polling instead of hivemind's ``enter_asynchronously``: that one acquires in an executor
+        thread, and an attempt cancelled while the thread waits leaves the lock acquired forever.
+        The parent only holds the lock while it copies tensors, so the wait is short.
+        """
+        lock = self.lock_averaged_tensors
+        deadline = time.monotonic() + timeout
+        while not lock.acquire(block=False):
+            if time.monotonic() > deadline:
+                raise AllreduceException(f"buffers stayed locked for {timeout}s")
+            await asyncio.sleep(0.005)
+        try:
+            yield
+        finally:
+            lock.release()
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
