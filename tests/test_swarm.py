@@ -164,3 +164,27 @@ def test_unreachable_initial_peer_is_a_clear_error(tmp_path: Path) -> None:
     result = run_worker(tmp_path / "w", "--initial-peers", bogus, "--max-epochs", "1", timeout=120)
     assert result.returncode == 2
     assert "could not join the swarm through" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_peer_whose_params_disagree_detects_it_and_stops_contributing(tmp_path: Path, procs: list) -> None:
+    from tests.helpers import worker_env
+
+    dirs = [tmp_path / f"w{i}" for i in range(3)]
+    common = [*SWARM, "--min-peers", "3", "--max-epochs", "5"]
+    procs.append(start_worker(dirs[0], *common))
+    entry = join_args(dirs[0])
+    procs.append(start_worker(dirs[1], *common, *entry))
+    # The third peer's theta_g is corrupted right after the round that begins epoch 2.
+    procs.append(start_worker(dirs[2], *common, *entry, env=worker_env(DILOCO_FAULT="perturb_params@2")))
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0
+    [desync] = events(dirs[2], "desync")
+    assert desync["epoch"] == 2 and desync["votes"] == 2 and desync["peers"] == 3
+    bad_rounds = {r["epoch"]: r for r in events(dirs[2], "outer_step")}
+    assert all(bad_rounds[e]["group_size"] == 1 and not bad_rounds[e]["in_sync"] for e in (3, 4, 5))
+    table = hashes_by_epoch(dirs[:2])
+    for epoch in (3, 4, 5):  # the healthy two go on together and agree
+        assert len(set(table[epoch].values())) == 1
+        assert all(r["group_size"] == 2 for d in dirs[:2] for r in events(d, "outer_step") if r["epoch"] == epoch)
+    assert not events(dirs[0], "desync") and not events(dirs[1], "desync")

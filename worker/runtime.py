@@ -25,6 +25,7 @@ from dht.records import load_or_create_record_key, record_validators
 from worker.config import WorkerConfig
 from worker.console import RoundProgress, notice
 from worker.data import make_tokenizer, open_stream
+from worker.faults import fault_at
 from worker.metrics import MetricsLog
 from worker.model import build_model, count_parameters, model_signature
 from worker.swarm import LocalProgress, SwarmView
@@ -226,9 +227,7 @@ class Worker:
         began = time.perf_counter()
         deadline_mono = time.monotonic() + cfg.swarm.averaging_timeout
         self.outer.compute_pseudo_gradient(self.trainer.params)
-        # Tell the others this worker is ready, then check it still holds the swarm's theta_g.
-        self.progress.inner_step = self.inner_step
-        self.swarm.publish(self.progress, force=True)
+        # Check this worker still holds the swarm's theta_g, then tell the others whether it is ready to average.
         agreement = self.swarm.agreement(epoch=self.epoch, my_hash=self.progress.param_sha256)
         if not agreement.mine_agrees and self.progress.in_sync:
             self.progress.in_sync = False
@@ -239,6 +238,8 @@ class Worker:
             )
             self.metrics.emit("desync", epoch=self.epoch, majority_hash=agreement.majority_hash,
                               votes=agreement.votes, peers=agreement.peers, param_sha256=self.progress.param_sha256)
+        self.progress.inner_step = self.inner_step
+        self.swarm.publish(self.progress, force=True)
         group_size, allreduce_s, sent, received, expected = 1, 0.0, 0, 0, 1
         if self.progress.in_sync:
             # Wait (bounded) for the peers of this round that are still in their inner phase.
@@ -259,6 +260,10 @@ class Worker:
         self.inner_step = 0
         tokens, self.round_tokens = self.round_tokens, 0
         self.peers_seen = group_size
+        if fault_at("perturb_params", self.epoch):
+            with torch.no_grad():
+                self.outer.params[0].add_(1e-3)
+            self.outer.copy_to(self.trainer.params)
         self.progress.epoch, self.progress.inner_step = self.epoch, 0
         self.progress.param_sha256 = self.param_hash()
         self.swarm.publish(self.progress, force=True)
@@ -281,6 +286,8 @@ class Worker:
             "inner": inner_tensors,
             "rng": {"cpu": torch.get_rng_state()},
         }
+        if self.device.type == "cuda":
+            tensors["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.inner_step:
             # Mid-round: the local model has moved away from theta_g and must be kept too.
             tensors["local"] = {n: p.detach().cpu() for n, p in zip(self.names, self.trainer.params, strict=True)}
@@ -328,6 +335,8 @@ class Worker:
         self.data.load_state(meta["data"])
         if "rng" in state.tensors:
             torch.set_rng_state(state.tensors["rng"]["cpu"])
+            if self.device.type == "cuda" and "cuda" in state.tensors["rng"]:
+                torch.cuda.set_rng_state(state.tensors["rng"]["cuda"], self.device)
         self.epoch, self.inner_step, self.round_tokens = state.epoch, int(meta["inner_step"]), int(meta["round_tokens"])
         self._saved_at = (self.epoch, self.inner_step)
         size = sum(t.numel() * t.element_size() for group in state.tensors.values() for t in group.values())
