@@ -90,6 +90,9 @@ class SwarmAverager:
     :param shutdown_timeout: how long ``shutdown`` waits for the process before killing it
     """
 
+    #: the background process class (tests substitute one whose runner misbehaves)
+    backend_type: type[RoundBackend] = RoundBackend
+
     def __init__(
         self,
         *,
@@ -160,7 +163,7 @@ class SwarmAverager:
         # Two flat buffers: the input stays intact across retries, the output is published only on success.
         self._input = torch.zeros(self.total_numel, dtype=torch.float32).share_memory_()
         self._output = torch.zeros(self.total_numel, dtype=torch.float32).share_memory_()
-        backend = RoundBackend(
+        backend = self.backend_type(
             dht=self.dht,
             run_id=self.run_id,
             input_flat=self._input,

@@ -50,6 +50,8 @@ from averaging.round import RoundTicket, check_group, handler_namespace
 
 logger = get_logger(__name__)
 
+# Name of the RPC protocol (our messages differ from stock hivemind's on the same RPCs).
+PROTOCOL = "SwarmAverager-v1"
 # After a failed attempt, wait this long before matchmaking again: avoids a hot loop when
 # matchmaking itself fails at once (e.g. a DHT hiccup).
 _RETRY_PAUSE_S = 0.2
@@ -71,6 +73,17 @@ class RoundBackend(DecentralizedAverager):
 
     #: the runner class; a test can substitute a subclass (e.g. one that dies mid-way)
     runner_type: type[IdenticalAllReduce] = IdenticalAllReduce
+
+    # hivemind caches the RPC table and stub type on the class, found through inheritance: without
+    # these, whichever of DecentralizedAverager and this class collected first would serve both.
+    _rpc_handlers = None
+    _stub_type = None
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        # hivemind names handlers after the class; a fixed protocol name keeps subclasses compatible
+        # with each other and says which wire protocol a handler speaks.
+        return f"{namespace}::{PROTOCOL}.{method_name}"
 
     def __init__(
         self,

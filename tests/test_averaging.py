@@ -32,6 +32,7 @@ from hivemind.utils import get_dht_time
 
 from averaging import CodecError, RoundResult, SwarmAverager, get_codec
 from averaging.allreduce import IdenticalAllReduce
+from averaging.backend import RoundBackend
 from averaging.partition import Partition
 from averaging.round import RoundMismatch, RoundTicket, check_group, round_key_prefix
 
@@ -39,6 +40,9 @@ torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+# A frozen (SIGSTOPped) peer is still a DHT neighbour: every DHT request routed to it waits
+# wait_timeout (hivemind's default 3 s), which made matchmaking after the failure take ~12 s.
+DHT_KW = dict(wait_timeout=1.5)
 SHAPES = [(400_000,), (300, 1000), (150_000, 2), (1,)]  # ~1M floats over a few tensors
 # Short timeouts keep the file fast; they respect request < matchmaking and 2 * chunk <= allreduce.
 FAST = dict(matchmaking_time=2.0, request_timeout=1.0, next_chunk_timeout=2.0, allreduce_timeout=20.0)
@@ -86,10 +90,12 @@ def run_concurrently(calls: Sequence[Callable[[], RoundResult]], timeout: float)
 def dhts() -> Iterator[list[hivemind.DHT]]:
     nodes: list[hivemind.DHT] = []
     try:
-        nodes.append(hivemind.DHT(start=True, host_maddrs=LOOPBACK))
+        nodes.append(hivemind.DHT(start=True, host_maddrs=LOOPBACK, **DHT_KW))
         for _ in range(2):
             nodes.append(
-                hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=nodes[0].get_visible_maddrs())
+                hivemind.DHT(
+                    start=True, host_maddrs=LOOPBACK, initial_peers=nodes[0].get_visible_maddrs(), **DHT_KW
+                )
             )
         yield nodes
     finally:
@@ -299,11 +305,75 @@ def test_invalid_arguments_are_refused(dhts: list[hivemind.DHT]) -> None:
             peer.average([torch.zeros(4)], weight=-1.0, epoch=0, deadline=deadline)
 
 
+# ---------------------------------------------------------------- a peer sends malformed data
+
+
+class LyingAllReduce(IdenticalAllReduce):
+    """Sends its first chunk to every reducer one byte short."""
+
+    async def _inputs_for(self, reducer: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        first = True
+        async for message in super()._inputs_for(reducer):
+            if first:
+                message.tensor_part.buffer = message.tensor_part.buffer[:-1]
+                first = False
+            yield message
+
+
+class LyingBackend(RoundBackend):
+    runner_type = LyingAllReduce
+
+
+class LyingAverager(SwarmAverager):
+    backend_type = LyingBackend
+
+
+def test_malformed_payload_fails_the_attempt_without_corrupting_anyone(dhts: list[hivemind.DHT]) -> None:
+    run_id = f"test-liar-{uuid.uuid4().hex[:8]}"
+    template = [torch.zeros(s) for s in SHAPES]
+    inputs = [gaussian_with_outliers(SHAPES, seed) for seed in range(3)]
+    tensors = [[t.clone() for t in peer] for peer in inputs]
+    kinds = [SwarmAverager, SwarmAverager, LyingAverager]
+    peers = [
+        kind(dht=d, run_id=run_id, template=template, target_group_size=3, **FAST)
+        for kind, d in zip(kinds, dhts, strict=True)
+    ]
+    try:
+        for peer in peers:
+            peer.start()
+        deadline = get_dht_time() + 8
+        results = run_concurrently(
+            [
+                lambda i=i: peers[i].average(tensors[i], weight=1.0, epoch=2, deadline=deadline)
+                for i in range(3)
+            ],
+            timeout=20,
+        )
+    finally:
+        for peer in peers:
+            peer.shutdown()
+    honest = results[:2]
+    assert any("bytes for" in failure for r in honest for failure in r.failures), [r.failures for r in honest]
+    for result, tensor_list, original in zip(honest, tensors, inputs, strict=False):
+        assert all(bool(torch.isfinite(t).all()) for t in tensor_list)
+        if result.group_size == 1:
+            assert digest(tensor_list) == digest(original)
+        else:  # the honest peers found each other without the liar
+            assert result.group_size == 2 and peers[2].peer_id not in result.peer_ids
+            assert rel_l2(tensor_list, weighted_mean(inputs[:2], [1.0, 1.0])) < 1e-6
+
+
 # ---------------------------------------------------------------- a peer dies mid-all-reduce
 
 
 class DyingAllReduce(IdenticalAllReduce):
-    """Kills its whole process group (process, DHT, averager, p2pd) after sending two chunks."""
+    """Sends two chunks, then stops its whole process group (process, DHT, averager, p2pd).
+
+    With SIGKILL its connections close at once; with SIGSTOP they stay open and silent,
+    so the survivors can only notice through their timeouts.
+    """
+
+    signal_to_send = signal.SIGKILL
 
     async def _inputs_for(self, reducer: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         sent = 0
@@ -311,14 +381,15 @@ class DyingAllReduce(IdenticalAllReduce):
             yield message
             sent += 1
             if sent >= 2:
-                os.killpg(0, signal.SIGKILL)
+                os.killpg(0, self.signal_to_send)
 
 
-def victim_main(initial_peer: str, run_id: str, deadline: float) -> None:
-    """Run as a subprocess: join the run, announce READY, then die during the all-reduce."""
+def victim_main(initial_peer: str, run_id: str, deadline: float, signal_name: str) -> None:
+    """Run as a subprocess: join the run, announce READY, then die or freeze during the all-reduce."""
     import averaging.backend
 
     torch.set_num_threads(1)
+    DyingAllReduce.signal_to_send = signal.Signals[signal_name]
     averaging.backend.RoundBackend.runner_type = DyingAllReduce
     dht = hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=[initial_peer])
     averager = SwarmAverager(
@@ -327,19 +398,28 @@ def victim_main(initial_peer: str, run_id: str, deadline: float) -> None:
     averager.start()
     print("READY", flush=True)
     averager.average(gaussian_with_outliers(SHAPES, seed=99), weight=1.0, epoch=4, deadline=deadline)
-    print("SURVIVED", flush=True)  # never reached: the runner kills us
+    print("SURVIVED", flush=True)  # never reached: the runner kills or freezes us
     averager.shutdown()
     dht.shutdown()
 
 
-def test_survivors_recover_when_a_peer_is_killed_mid_allreduce(
-    dhts: list[hivemind.DHT], tmp_path: Path
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
+def test_survivors_recover_when_a_peer_dies_mid_allreduce(
+    dhts: list[hivemind.DHT], tmp_path: Path, signal_name: str
 ) -> None:
     run_id = f"test-kill-{uuid.uuid4().hex[:8]}"
     deadline = get_dht_time() + 30
     log = (tmp_path / "victim.log").open("w")
     victim = subprocess.Popen(
-        [sys.executable, __file__, "victim", str(dhts[0].get_visible_maddrs()[0]), run_id, repr(deadline)],
+        [
+            sys.executable,
+            __file__,
+            "victim",
+            str(dhts[0].get_visible_maddrs()[0]),
+            run_id,
+            repr(deadline),
+            signal_name,
+        ],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
@@ -365,7 +445,10 @@ def test_survivors_recover_when_a_peer_is_killed_mid_allreduce(
                 timeout=45,
             )
             finished = get_dht_time()
-        assert victim.wait(timeout=10) == -signal.SIGKILL
+        if signal_name == "SIGKILL":
+            assert victim.wait(timeout=10) == -signal.SIGKILL
+        else:  # frozen, not dead: the survivors gave up on it through their timeouts
+            assert victim.poll() is None
         assert finished < deadline + FAST["request_timeout"] + 1.0
         for tensor_list in tensors:
             assert all(bool(torch.isfinite(t).all()) for t in tensor_list)
@@ -381,5 +464,5 @@ def test_survivors_recover_when_a_peer_is_killed_mid_allreduce(
         log.close()
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "victim":
-    victim_main(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "victim":
+    victim_main(sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5])
