@@ -92,7 +92,6 @@ def cmd_start(args: argparse.Namespace) -> int:
     worker = Worker(cfg)
     try:
         worker.start()
-        worker.install_signal_handlers()
         worker.run()
     except (WorkerError, ModelError, DataError, SwarmError, RunDirLockedError, CheckpointError) as e:
         error_line(str(e))

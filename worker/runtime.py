@@ -76,6 +76,10 @@ class Worker:
         self._check_run_dir()
 
         record_key = load_or_create_record_key(self.run_dir / "record.key")
+        # Ctrl-C in a terminal reaches the whole process group: the p2p daemon and the averager must not die
+        # of it before this process has saved its checkpoint and shut them down in order. They inherit
+        # "ignore SIGINT" from here; this process installs its own handler once they are started.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.node = SwarmNode(
             identity_path=self.run_dir / "identity.key",
             initial_peers=cfg.swarm.initial_peers,
@@ -105,6 +109,7 @@ class Worker:
             allreduce_timeout=cfg.swarm.averaging_timeout,
         )
         self.averager.start()
+        self.install_signal_handlers()  # children are up: from now on Ctrl-C means "save and stop"
         self.device = pick_device(cfg.run.device)
         self.trainer = InnerTrainer(model=model, cfg=cfg.train, device=self.device, compile_model=cfg.model.compile)
         self.data = open_stream(
@@ -118,7 +123,8 @@ class Worker:
         self.swarm.publish(self.progress, force=True)
         if cfg.swarm.min_peers > 1:
             notice(f"waiting up to {cfg.swarm.join_timeout:.0f}s for {cfg.swarm.min_peers} peers of run {cfg.run.run_id!r}…")
-            live = self.swarm.wait_for_peers(count=cfg.swarm.min_peers, until=time.monotonic() + cfg.swarm.join_timeout)
+            live = self.swarm.wait_for_peers(count=cfg.swarm.min_peers, until=time.monotonic() + cfg.swarm.join_timeout,
+                                             stop=lambda: self.stop_requested)
             notice(f"{live} peer(s) live; starting")
         self._started = True
         self._announce(count_parameters(model))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import hivemind
@@ -86,11 +87,11 @@ class SwarmView:
             self._keep_alive()
             time.sleep(0.2)
 
-    def wait_for_peers(self, *, count: int, until: float) -> int:
-        """Wait (until the monotonic time `until`) for `count` live peers of the run, this one included."""
+    def wait_for_peers(self, *, count: int, until: float, stop: Callable[[], bool] = lambda: False) -> int:
+        """Wait (until the monotonic time `until`, or `stop()`) for `count` live peers of the run, this one included."""
         while True:
             live = len(self.others()) + 1
-            if live >= count or time.monotonic() >= until:
+            if live >= count or time.monotonic() >= until or stop():
                 return live
             self._keep_alive()
             time.sleep(0.3)
