@@ -28,9 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.config import load_config  # noqa: E402
-from worker.runtime import Worker  # noqa: E402
 from worker.console import RoundProgress  # noqa: E402
 from worker.model import build_model  # noqa: E402
+from worker.runtime import Worker  # noqa: E402
 
 
 def bare_loop(model: torch.nn.Module, batches: list[torch.Tensor], *, lr: float, clip: float) -> float:

@@ -162,3 +162,20 @@ def test_solo_outer_step_with_unit_lr_is_plain_sgd(tmp_path: Path) -> None:
         torch.testing.assert_close(saved[name], param.detach(), rtol=1e-5, atol=1e-6)
     meta = msgpack.unpackb((run_dir / "checkpoints" / f"epoch-{steps:06d}" / "meta.msgpack").read_bytes(), raw=False)
     assert meta  # the commit marker exists and parses
+
+
+def test_restart_after_sigkill_clears_leftovers_and_resumes(tmp_path: Path, procs: list) -> None:
+    """SIGKILL of the main process leaves the p2p daemon holding the identity; the restart must still work."""
+    run_dir = tmp_path / "w"
+    proc = start_worker(run_dir, *ROUND, "--max-epochs", "0")
+    procs.append(proc)
+    wait_for(lambda: len(events(run_dir, "checkpoint_saved")) >= 2, timeout=120, what="two checkpoints")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    saved = events(run_dir, "checkpoint_saved")[-1]["epoch"]
+    result = run_worker(run_dir, *ROUND, "--max-epochs", str(saved + 1))
+    assert result.returncode == 0, result.stderr
+    assert "left running by a crashed worker" in result.stderr
+    loaded = events(run_dir, "state_loaded")[-1]
+    assert loaded["source"] == "disk" and loaded["epoch"] >= saved
+    assert events(run_dir, "outer_step")[-1]["epoch"] == saved + 1

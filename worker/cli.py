@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(start)
     start.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="verbosity of library logs (hivemind)")
 
+    swarm = commands.add_parser(
+        "swarm", help="start a local swarm of workers on this machine with a live table",
+        description="Start a bootstrap worker and N-1 workers that join it on this machine, show one live table, "
+                    "stop them all on Ctrl-C. Arguments after -- go to every `worker start`.",
+    )
+    swarm.add_argument("--workers", type=int, default=3, help="how many workers (default 3)")
+    swarm.add_argument("--run-dir", type=Path, default=Path("runs/swarm"), help="each worker gets RUN_DIR/<name>")
+    swarm.add_argument("--chaos", type=float, default=0.0, metavar="SECONDS", help="kill and restart a random worker this often (0: off)")
+    swarm.add_argument("--late-joiner-after", type=int, default=0, metavar="EPOCHS", help="add one more worker once the swarm reaches this epoch (0: never)")
+    swarm.add_argument("--seed", type=int, default=0, help="seed of the chaos mode's choices")
+    swarm.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then options for every `worker start`")
+
     status = commands.add_parser("status", help="list the live peers of a run", description="List the live peers of a run, read from their signed DHT records.")
     status.add_argument("--initial-peers", nargs="+", action="extend", required=True, metavar="MADDR", help="multiaddr(s) of any peer of the swarm")
     status.add_argument("--run-id", default="diloco-tiny", help="the run to look at")
@@ -102,6 +114,29 @@ def cmd_start(args: argparse.Namespace) -> int:
     finally:
         worker.shutdown()
     return 0
+
+
+# Short rounds and timeouts suit a swarm on one machine; anything after `--` overrides them.
+LOCAL_SWARM_DEFAULTS = ["--inner-steps", "20", "--batch-size", "8", "--seq-len", "128", "--matchmaking-time", "2",
+                        "--request-timeout", "1", "--averaging-timeout", "30"]
+
+
+def cmd_swarm(args: argparse.Namespace) -> int:
+    from worker.local_swarm import SwarmOptions, run_local_swarm
+
+    if args.workers < 1:
+        error_line(f"--workers must be at least 1, got {args.workers}")
+        return EXIT_USAGE
+    if args.chaos < 0 or args.late_joiner_after < 0:
+        error_line("--chaos and --late-joiner-after must be >= 0")
+        return EXIT_USAGE
+    extra = [a for a in args.worker_args if a != "--"] if args.worker_args else []
+    # Check the workers' options here, once, rather than watching N workers fail with the same message.
+    probe = build_parser().parse_args(["start", *LOCAL_SWARM_DEFAULTS, *extra])
+    load_config(file=probe.config, cli=_cli_values(probe))
+    options = SwarmOptions(workers=args.workers, base_dir=args.run_dir, worker_args=[*LOCAL_SWARM_DEFAULTS, *extra],
+                           chaos_every=args.chaos, late_joiner_after=args.late_joiner_after, seed=args.seed)
+    return run_local_swarm(options)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -151,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_start(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "swarm":
+            return cmd_swarm(args)
     except ConfigError as e:
         error_line(str(e))
         return EXIT_USAGE

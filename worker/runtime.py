@@ -22,6 +22,7 @@ from averaging.outer import OuterOptimizer
 from checkpoints import CheckpointStore, RunDirLock, TrainingState, param_sha256
 from dht.node import SwarmNode
 from dht.records import load_or_create_record_key, record_validators
+from worker.children import reap_leftovers, record_children
 from worker.config import WorkerConfig
 from worker.console import RoundProgress, notice
 from worker.data import make_tokenizer, open_stream
@@ -65,6 +66,10 @@ class Worker:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
+        # Holding the lock proves the previous worker of this run dir is gone; its helpers may not be.
+        leftovers = reap_leftovers(self.run_dir / "children.json")
+        if leftovers:
+            notice(f"stopped {len(leftovers)} process(es) left running by a crashed worker of this run dir")
         # Only after the lock: the store clears half-written checkpoints left by a crash.
         self.store = CheckpointStore(directory=self.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
         if cfg.run.threads:
@@ -110,6 +115,7 @@ class Worker:
         )
         self.averager.start()
         self.install_signal_handlers()  # children are up: from now on Ctrl-C means "save and stop"
+        record_children(self.run_dir / "children.json")
         self.device = pick_device(cfg.run.device)
         self.trainer = InnerTrainer(model=model, cfg=cfg.train, device=self.device, compile_model=cfg.model.compile)
         self.data = open_stream(

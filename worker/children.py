@@ -1,0 +1,77 @@
+"""Helper processes a crashed worker leaves behind, and how the next start clears them.
+
+A worker runs the DHT and averager as child processes, and the DHT runs the p2p
+daemon. If the worker itself dies abruptly (SIGKILL, OOM killer), they can live on:
+the p2p daemon then keeps the peer identity, and a restart on the same run dir
+would be refused as "identity already taken". So a worker records its descendants
+(pid and kernel start time, which together cannot be reused) in the run dir, and
+the next worker on that run dir — already holding the run-dir lock, so the old one
+is surely gone — kills whichever of them still run. Linux only (/proc); elsewhere a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+_PROC = Path("/proc")
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces) start after the last ')'; start time is field 22.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in (_PROC / str(pid) / "task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    out, queue = [], [pid]
+    while queue and len(out) < 1000:
+        for child in _children(queue.pop()):
+            out.append(child)
+            queue.append(child)
+    return out
+
+
+def record_children(path: Path) -> None:
+    """Write this process's descendants (pid, start time) to `path`."""
+    if not _PROC.exists():
+        return
+    entries = [[pid, t] for pid in descendants(os.getpid()) if (t := _start_time(pid)) is not None]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries))
+    os.replace(tmp, path)
+
+
+def reap_leftovers(path: Path) -> list[int]:
+    """Kill the recorded processes of a previous worker that still run; returns their pids."""
+    if not path.exists() or not _PROC.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    killed = []
+    for pid, started in entries:
+        if pid != os.getpid() and _start_time(pid) == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    path.unlink(missing_ok=True)
+    return killed
