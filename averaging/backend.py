@@ -14,6 +14,10 @@ What we replace:
   buffers (input: read only; output: complete only on success);
 * ``rpc_aggregate_part``: the same routing with timeouts, so a peer that opens a
   stream and stays silent cannot hold a handler forever;
+* ``_get_handle_name``: hivemind names RPC handlers after the Python class, so a
+  subclass could not talk to its base class; ours use a fixed protocol name;
+* the buffer lock is taken by polling: hivemind's ``enter_asynchronously`` takes it in
+  an executor thread and leaks it if the attempt is cancelled meanwhile;
 * ``run_in_background``: hivemind sets SIGINT to "ignore" in the *calling* process
   and never restores it (and fails outside the main thread); we restore it;
 * ``_shutdown``: hivemind's calls ``finalize`` on futures when a group is running.
