@@ -1,0 +1,158 @@
+"""Training quality: DiLoCo (M workers, H inner steps) against synchronous data parallel, same tokens and steps.
+
+An in-process simulation with the worker's own parts (InnerTrainer, OuterOptimizer,
+data streams): the M workers run one after another inside each round, each on its
+own data shard, and their pseudo-gradients are averaged exactly (the swarm's
+all-reduce is tested for that elsewhere). Data parallel takes one step on the
+concatenation of the M workers' batches, i.e. the same global batch and tokens.
+Controls: DiLoCo with M=1 on the global batch, and one worker alone at 1/M of
+the compute (its own batch only). Held-out loss is measured on the embedded
+corpus's eval split.
+
+    python bench/convergence.py [--quick] [--steps 400] [--seeds 0 1 2] [--plot docs/convergence.png]
+
+Ends with one JSON line: {"bench": "convergence", "diloco_loss", "ddp_loss", "gap_pct", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from averaging.outer import OuterOptimizer  # noqa: E402
+from worker.config import TrainConfig  # noqa: E402
+from worker.data import ByteTokenizer, PackedBatches, open_stream  # noqa: E402
+from worker.model import build_model  # noqa: E402
+from worker.train import InnerTrainer  # noqa: E402
+
+
+def stream(key: str, batch: int, seq_len: int, seed: int, split: str = "train") -> PackedBatches:
+    return open_stream(dataset="embedded", dataset_config=None, text_field="text", tokenizer=ByteTokenizer(),
+                       seq_len=seq_len, batch_size=batch, shard_key=key, seed=seed, split=split)
+
+
+@torch.no_grad()
+def eval_loss(params: list[torch.Tensor], seed: int, seq_len: int, batches: list[torch.Tensor]) -> float:
+    model = build_model("tiny", seed=seed, vocab_min=259)
+    for p, v in zip(model.parameters(), params, strict=True):
+        p.copy_(v)
+    losses = []
+    for batch in batches:
+        logits = model(input_ids=batch[:, :-1]).logits
+        losses.append(float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))))
+    return sum(losses) / len(losses)
+
+
+def train_cfg(args: argparse.Namespace, batch: int) -> TrainConfig:
+    return TrainConfig(inner_steps=args.inner_steps, batch_size=batch, lr=args.lr, warmup_steps=args.steps // 20,
+                       total_steps=args.steps, grad_clip=1.0, weight_decay=0.1)
+
+
+def run_diloco(args: argparse.Namespace, *, m: int, batch: int, seed: int, evals: list[torch.Tensor]) -> list[tuple[int, float]]:
+    """M workers, H inner steps, outer Nesterov; returns (step, held-out loss of theta_g) after each round."""
+    base = build_model("tiny", seed=seed, vocab_min=259)
+    outer = OuterOptimizer(list(base.parameters()), lr=args.outer_lr, momentum=0.9, nesterov=True)
+    trainers = [InnerTrainer(model=build_model("tiny", seed=seed, vocab_min=259), cfg=train_cfg(args, batch),
+                             device=torch.device("cpu")) for _ in range(m)]
+    streams = [stream(f"worker-{i}", batch, args.seq_len, seed) for i in range(m)]
+    curve = []
+    rounds = args.steps // args.inner_steps
+    for r in range(rounds):
+        total = [torch.zeros_like(p) for p in outer.params]
+        for trainer, data in zip(trainers, streams, strict=True):
+            outer.copy_to(trainer.params)
+            for _ in range(args.inner_steps):
+                trainer.step(data.next_batch(), want_loss=False)
+            outer.compute_pseudo_gradient(trainer.params)
+            for t, d in zip(total, outer.delta, strict=True):
+                t.add_(d)
+        for d, t in zip(outer.delta, total, strict=True):
+            d.copy_(t / m)  # equal tokens per worker: the weighted mean is the plain mean
+        outer.step()
+        curve.append(((r + 1) * args.inner_steps, eval_loss(outer.params, seed, args.seq_len, evals)))
+    return curve
+
+
+def run_ddp(args: argparse.Namespace, *, m: int, batch: int, seed: int, evals: list[torch.Tensor]) -> list[tuple[int, float]]:
+    """One model stepping on the M workers' batches together (synchronous data parallel)."""
+    trainer = InnerTrainer(model=build_model("tiny", seed=seed, vocab_min=259), cfg=train_cfg(args, batch * m),
+                           device=torch.device("cpu"))
+    streams = [stream(f"worker-{i}", batch, args.seq_len, seed) for i in range(m)]
+    curve = []
+    for step in range(1, args.steps + 1):
+        trainer.step(torch.cat([s.next_batch() for s in streams]), want_loss=False)
+        if step % args.inner_steps == 0:
+            curve.append((step, eval_loss([p.detach() for p in trainer.params], seed, args.seq_len, evals)))
+    return curve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short run for tests")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--inner-steps", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per worker per step (global batch = workers x batch)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--plot", type=Path, default=None, help="write the loss curves to this PNG")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.inner_steps, args.seeds, args.batch, args.seq_len = 20, 10, [0], 2, 32
+    torch.set_num_threads(2)
+    began = time.perf_counter()
+    results: dict[str, list[list[tuple[int, float]]]] = {"diloco": [], "ddp": [], "diloco_m1": [], "single_1_over_m": []}
+    for seed in args.seeds:
+        evals = [stream("eval", 16, args.seq_len, seed, split="eval").next_batch() for _ in range(4 if not args.quick else 1)]
+        m, b = args.workers, args.batch
+        # (name, runner, workers, per-worker batch): the controls keep the same step count.
+        variants = [("diloco", run_diloco, m, b), ("ddp", run_ddp, m, b), ("diloco_m1", run_diloco, 1, m * b),
+                    ("single_1_over_m", run_ddp, 1, b)]
+        for name, runner, workers, batch in variants:
+            t = time.perf_counter()
+            curve = runner(args, m=workers, batch=batch, seed=seed, evals=evals)
+            results[name].append(curve)
+            print(f"seed {seed} {name:16s} held-out loss {curve[-1][1]:.4f}  ({time.perf_counter() - t:.0f}s)", flush=True)
+    final = {name: statistics.mean(c[-1][1] for c in curves) for name, curves in results.items()}
+    gap = 100 * (final["diloco"] - final["ddp"]) / final["ddp"]
+    print(f"DiLoCo M={args.workers} H={args.inner_steps}: {final['diloco']:.4f}  data parallel: {final['ddp']:.4f}  gap {gap:+.1f}%")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, curves in results.items():
+            steps = [s for s, _ in curves[0]]
+            mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
+            ax.plot(steps, mean, marker="o", markersize=3, label=name)
+        ax.set_xlabel("inner steps (data-parallel steps)")
+        ax.set_ylabel("held-out loss (mean over seeds)")
+        ax.set_title(f"tiny Llama, embedded corpus, M={args.workers}, H={args.inner_steps}, {len(args.seeds)} seeds")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=110, bbox_inches="tight")
+    print(json.dumps({
+        "bench": "convergence", "diloco_loss": round(final["diloco"], 4), "ddp_loss": round(final["ddp"], 4),
+        "gap_pct": round(gap, 2), "diloco_m1_loss": round(final["diloco_m1"], 4),
+        "single_1_over_m_loss": round(final["single_1_over_m"], 4), "workers": args.workers,
+        "inner_steps": args.inner_steps, "steps": args.steps, "seeds": args.seeds,
+        "seconds": round(time.perf_counter() - began, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
