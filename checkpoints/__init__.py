@@ -1,18 +1,30 @@
-"""State on disk: atomic, verified, resumable checkpoints, the run-dir lock, and param_sha256."""
+"""State on disk (atomic, verified, resumable checkpoints, the run-dir lock, param_sha256) and between peers
+(snapshots a donor serves, the fetch a late joiner runs)."""
 
 from checkpoints.digest import param_sha256
 from checkpoints.errors import CheckpointError, InvalidCheckpointError, RunDirLockedError
+from checkpoints.fetch import FetchResult, fetch_state, rank_offers
 from checkpoints.lock import RunDirLock
+from checkpoints.serve import StateServer
+from checkpoints.snapshot import StateSnapshot, StateTransferError, decode_snapshot, parse_manifest
 from checkpoints.state import TrainingState
 from checkpoints.store import CheckpointStore, LoadedCheckpoint
 
 __all__ = [
     "CheckpointError",
     "CheckpointStore",
+    "FetchResult",
     "InvalidCheckpointError",
     "LoadedCheckpoint",
     "RunDirLock",
     "RunDirLockedError",
+    "StateServer",
+    "StateSnapshot",
+    "StateTransferError",
     "TrainingState",
+    "decode_snapshot",
+    "fetch_state",
     "param_sha256",
+    "parse_manifest",
+    "rank_offers",
 ]

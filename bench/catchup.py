@@ -1,0 +1,216 @@
+"""Benchmark of a late joiner's catch-up: our state transfer against raw TCP and stock hivemind.
+
+Measures on loopback, in one run, on the same state (a "global" and an "outer" group of
+fp32 tensors, half the bytes each, like theta_g plus outer momentum):
+
+a. raw TCP: one ``sendall`` of the snapshot buffer from a donor process, ``recv_into`` a
+   preallocated buffer here (the ceiling for one connection);
+b. ours: ``fetch_state`` (manifest, parts over ``--streams`` connections, per-part SHA-256,
+   param_sha256 of the global group) from 1 donor and from 2 donors;
+c. stock hivemind: ``DecentralizedAverager.load_state_from_peers`` from a donor with
+   ``allow_state_sharing=True`` whose ``get_current_state`` returns the same tensors.
+
+Every donor runs in its own process (bench/_catchup_donor.py) and the newcomer in this
+one, so no donor shares a GIL with the receiver; each figure is the median of
+``--repeats`` runs. Ends with one JSON line; ``ratio_vs_tcp`` compares the 1-donor figure
+(like for like: one sender process) with raw TCP.
+
+Usage: ``.venv/bin/python bench/catchup.py [--mb 200] [--repeats 3] [--streams 4]``; ``--quick``: 20 MB.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: make the repository root importable
+    _here = Path(__file__).resolve().parent
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import os  # noqa: E402
+
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")  # stock hivemind logs every download at INFO
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import select  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from checkpoints import StateSnapshot, fetch_state, param_sha256  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DONOR = ROOT / "bench" / "_catchup_donor.py"
+
+
+@dataclass
+class BenchOffer:
+    """The fields ``fetch_state`` reads from an offer (the DHT is not what is measured here)."""
+
+    peer_id: str
+    epoch: int
+    param_sha256: str
+    manifest_sha256: str
+    total_bytes: int
+    tcp: list[str]
+    time: float
+
+
+def make_state(total_mb: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    per_tensor = total_mb * 1_000_000 // 2 // 8 // 4  # 8 fp32 tensors per group, half the bytes per group
+    return {group: {f"layer{i}.weight": torch.randn(per_tensor, generator=generator) for i in range(8)}
+            for group in ("global", "outer")}
+
+
+@contextmanager
+def donor(mode: str, state_file: Path, meta: dict[str, Any], *, timeout: float = 120.0) -> Iterator[dict[str, Any]]:
+    """A donor process; yields its JSON announcement and always stops it (stdin closed, then kill)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(DONOR), "--mode", mode, "--state", str(state_file), "--meta", json.dumps(meta)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"{mode} donor did not start (exit code {proc.poll()})")
+        yield json.loads(line)
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+def raw_tcp(port: int, total: int) -> float:
+    buffer = bytearray(total)
+    view = memoryview(buffer)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        started = time.perf_counter()
+        sock.sendall(b"g")
+        got = 0
+        while got < total:  # each pass receives >0 bytes or raises (30 s socket timeout)
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise RuntimeError("raw sender closed early")
+            got += n
+        return time.perf_counter() - started
+
+
+def stock_hivemind(maddrs: list[str], total: int, repeats: int) -> list[float]:
+    import hivemind
+    from hivemind.averaging import DecentralizedAverager
+
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+    averager = None
+    try:
+        averager = DecentralizedAverager([torch.zeros(16)], dht, start=True, prefix="catchup",
+                                         allow_state_sharing=False, request_timeout=1.0, min_matchmaking_time=2.0,
+                                         next_chunk_timeout=30.0)
+        times: list[float] = []
+        for _ in range(repeats * 20):  # bounded: the donor's declaration may take a moment to become visible
+            if len(times) == repeats:
+                break
+            started = time.perf_counter()
+            loaded = averager.load_state_from_peers(timeout=120)
+            elapsed = time.perf_counter() - started
+            if loaded is None:
+                time.sleep(0.5)
+                continue
+            got = sum(t.numel() * t.element_size() for t in loaded[1])
+            if got != total:
+                raise RuntimeError(f"hivemind delivered {got} bytes, expected {total}")
+            times.append(elapsed)
+        if len(times) < repeats:
+            raise RuntimeError("hivemind load_state_from_peers found no donor")
+        return times
+    finally:
+        if averager is not None:
+            averager.shutdown()
+        dht.shutdown()
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=200, help="state size in MB")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="20 MB, 2 repeats (for the test suite)")
+    args = parser.parse_args()
+    if args.quick:
+        args.mb, args.repeats = 20, 2
+    torch.set_num_threads(1)
+    state = make_state(args.mb)
+    digest = param_sha256(state["global"])
+    meta = {"epoch": 1, "param_sha256": digest, "run_id": "bench"}
+    snapshot = StateSnapshot.build(tensors=state, meta=meta)
+    total = snapshot.total_bytes  # the tensors' bytes plus < 64 bytes of alignment padding per tensor
+    payload = sum(t.numel() * t.element_size() for ts in state.values() for t in ts.values())
+    mb = payload / 1e6  # every method is credited with the same bytes: the tensors'
+    rows: list[tuple[str, list[float]]] = []
+    with tempfile.TemporaryDirectory(prefix="catchup-") as tmp:
+        state_file = Path(tmp) / "state.safetensors"
+        save_file({f"{g}/{n}": t for g, ts in state.items() for n, t in ts.items()}, str(state_file))
+
+        with donor("raw", state_file, meta) as info:
+            rows.append(("raw TCP, 1 stream (ceiling)", [raw_tcp(info["port"], total) for _ in range(args.repeats)]))
+
+        with donor("ours", state_file, meta) as a, donor("ours", state_file, meta) as b:
+            assert a["manifest_sha256"] == b["manifest_sha256"] == snapshot.manifest_sha256, "donors disagree"
+            offers = [BenchOffer(peer_id=f"donor-{i}", epoch=1, param_sha256=digest,
+                                 manifest_sha256=snapshot.manifest_sha256, total_bytes=total,
+                                 tcp=[f"127.0.0.1:{d['port']}"], time=time.time()) for i, d in enumerate((a, b))]
+
+            def fetch(n: int) -> None:
+                result = fetch_state(offers[:n], streams=args.streams, timeout=120)
+                assert result.param_sha256 == digest and len(result.donors) == n, result.donors
+
+            fetch(2)  # warm-up: first connections, page faults of a first 200 MB buffer
+            rows.append((f"ours, 1 donor, {args.streams} streams", timed(lambda: fetch(1), args.repeats)))
+            rows.append((f"ours, 2 donors, {args.streams} streams", timed(lambda: fetch(2), args.repeats)))
+
+        with donor("hivemind", state_file, meta) as info:
+            rows.append(("hivemind load_state_from_peers", stock_hivemind(info["maddrs"], payload, args.repeats)))
+
+    rates = {name: mb / statistics.median(times) for name, times in rows}
+    print(f"state: {mb:.1f} MB ({len(state['global'])} + {len(state['outer'])} fp32 tensors), "
+          f"{snapshot.num_parts} parts; median of {args.repeats}; donors in separate processes, newcomer here")
+    print(f"{'method':40s} {'median s':>9s} {'MB/s':>8s}  runs (s)")
+    for name, times in rows:
+        print(f"{name:40s} {statistics.median(times):9.3f} {rates[name]:8.0f}  {' '.join(f'{t:.3f}' for t in times)}")
+    raw = rates[rows[0][0]]
+    ours1, ours2, stock = rates[rows[1][0]], rates[rows[2][0]], rates[rows[3][0]]
+    print(json.dumps({
+        "bench": "catchup", "mb": round(mb, 1), "ratio_vs_tcp": round(ours1 / raw, 3),
+        "ratio_vs_hivemind": round(ours1 / stock, 2), "mb_per_s": round(ours1, 1),
+        "mb_per_s_2_donors": round(ours2, 1), "tcp_mb_per_s": round(raw, 1), "hivemind_mb_per_s": round(stock, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
