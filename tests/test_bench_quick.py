@@ -30,3 +30,23 @@ def test_overhead_quick() -> None:
 def test_every_bench_has_a_quick_mode(script: str) -> None:
     text = (Path(ROOT) / "bench" / script).read_text()
     assert "--quick" in text and '"bench"' in text
+
+
+def test_averaging_quick() -> None:
+    out = run_bench("averaging.py")
+    assert out["bench"] == "averaging"
+    # int8 on real pseudo-gradients must stay under 1% relative L2 error; fp16 and none far below.
+    errors = out["pseudo_grad_rel_l2"]
+    assert errors["int8"] < 0.01 and errors["fp16"] < 1e-3 and errors["none"] < 1e-6
+    assert out["reduction_vs_ddp"]["int8"] > out["reduction_vs_ddp"]["fp16"] > out["reduction_vs_ddp"]["none"] >= 5
+    from tests import netns
+
+    if netns.available()[0]:
+        assert 0.2 < out["efficiency"] <= 1.05  # sane; the 90% target is checked by the full run
+
+
+def test_convergence_quick() -> None:
+    out = run_bench("convergence.py")
+    assert out["bench"] == "convergence"
+    assert {"diloco_loss", "ddp_loss", "gap_pct"} <= set(out)
+    assert 0 < out["ddp_loss"] < 6 and 0 < out["diloco_loss"] < 6
