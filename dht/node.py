@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,26 +63,33 @@ class SwarmNode:
         self.client_mode = client_mode
         self.dht: hivemind.DHT | None = None
 
-    def start(self) -> hivemind.DHT:
+    def start(self, *, identity_retries: int = 3) -> hivemind.DHT:
+        """Start the DHT node; `identity_retries` covers a restart whose old p2p daemon the swarm still remembers."""
         self.identity_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.dht = hivemind.DHT(
-                initial_peers=self.initial_peers,
-                host_maddrs=self.host_maddrs,
-                announce_maddrs=self.announce_maddrs or None,
-                identity_path=str(self.identity_path),
-                record_validators=self.record_validators,
-                client_mode=self.client_mode,
-                start=True,
-            )
-        except Exception as e:  # hivemind raises bare P2P/Runtime errors when peers are unreachable
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if self.initial_peers:
-                raise SwarmError(
-                    f"could not join the swarm through {', '.join(self.initial_peers)}: {reason}"
-                ) from None
-            raise SwarmError(f"could not start the DHT node on {', '.join(self.host_maddrs)}: {reason}") from None
-        return self.dht
+        for attempt in range(identity_retries + 1):
+            try:
+                self.dht = hivemind.DHT(
+                    initial_peers=self.initial_peers,
+                    host_maddrs=self.host_maddrs,
+                    announce_maddrs=self.announce_maddrs or None,
+                    identity_path=str(self.identity_path),
+                    record_validators=self.record_validators,
+                    client_mode=self.client_mode,
+                    start=True,
+                )
+                return self.dht
+            except Exception as e:  # hivemind raises bare P2P/Runtime errors when peers are unreachable
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if "already taken" in reason and attempt < identity_retries:
+                    # Peers may still hold a connection to this identity's previous, dead daemon.
+                    time.sleep(2.0 * (attempt + 1))
+                    continue
+                if self.initial_peers:
+                    raise SwarmError(
+                        f"could not join the swarm through {', '.join(self.initial_peers)}: {reason}"
+                    ) from None
+                raise SwarmError(f"could not start the DHT node on {', '.join(self.host_maddrs)}: {reason}") from None
+        raise AssertionError("unreachable")
 
     @property
     def peer_id(self) -> str:

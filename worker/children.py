@@ -14,18 +14,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 _PROC = Path("/proc")
 
 
 def _start_time(pid: int) -> int | None:
+    """The kernel start time of a live process; None when it is gone or a zombie."""
     try:
         stat = (_PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    # Fields after the command name (which may hold spaces) start after the last ')'; start time is field 22.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    # Fields after the command name (which may hold spaces) start after the last ')': state, ..., start time (22nd).
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def _children(pid: int) -> list[int]:
@@ -70,8 +73,13 @@ def reap_leftovers(path: Path) -> list[int]:
         if pid != os.getpid() and _start_time(pid) == started:
             try:
                 os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                killed.append((pid, started))
             except ProcessLookupError:
                 pass
+    # SIGKILL is asynchronous: the old p2p daemon must be gone before a new one claims the identity,
+    # or the swarm still answers for it and refuses the restart as "identity already taken".
+    deadline = time.monotonic() + 10
+    while any(_start_time(pid) == started for pid, started in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
     path.unlink(missing_ok=True)
-    return killed
+    return [pid for pid, _ in killed]
