@@ -257,7 +257,8 @@ class Worker:
             # Wait (bounded) for the peers of this round that are still in their inner phase.
             budget = cfg.swarm.averaging_timeout - cfg.swarm.matchmaking_time
             expected = self.swarm.wait_for_round(epoch=self.epoch, inner_steps=cfg.train.inner_steps,
-                                                 until=time.monotonic() + max(0.0, budget))
+                                                 until=time.monotonic() + max(0.0, budget),
+                                                 stop=lambda: self.stop_requested)
             if expected > 1:
                 result = self.averager.average(
                     self.outer.delta, weight=float(self.round_tokens), epoch=self.epoch,

@@ -72,7 +72,7 @@ class SwarmView:
             logger.warning("could not read the progress board: %s", e)
             return []
 
-    def wait_for_round(self, *, epoch: int, inner_steps: int, until: float) -> int:
+    def wait_for_round(self, *, epoch: int, inner_steps: int, until: float, stop: Callable[[], bool] = lambda: False) -> int:
         """Wait (until the monotonic time `until`) for the live in-sync peers at `epoch` to finish their inner phase.
 
         Returns how many peers (this one included) are ready for the round. Peers
@@ -82,7 +82,7 @@ class SwarmView:
         while True:
             members = [r for r in self.others() if r.epoch == epoch and r.in_sync]
             ready = [r for r in members if r.inner_step >= inner_steps]
-            if len(ready) == len(members) or time.monotonic() >= until:
+            if len(ready) == len(members) or time.monotonic() >= until or stop():
                 return len(ready) + 1
             self._keep_alive()
             time.sleep(0.2)
