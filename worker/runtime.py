@@ -206,7 +206,7 @@ class Worker:
                 if self.stop_requested:
                     break
                 self._outer_step()
-                if self.epoch % cfg.run.checkpoint_every == 0:
+                if not self.stop_requested and self.epoch % cfg.run.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
             progress.shutdown()
@@ -259,6 +259,10 @@ class Worker:
             expected = self.swarm.wait_for_round(epoch=self.epoch, inner_steps=cfg.train.inner_steps,
                                                  until=time.monotonic() + max(0.0, budget),
                                                  stop=lambda: self.stop_requested)
+            if self.stop_requested:
+                # Leave the round unfinished rather than apply a lone update the swarm does not share:
+                # the checkpoint keeps the local model at step H and a restart redoes this outer step.
+                return
             if expected > 1:
                 result = self.averager.average(
                     self.outer.delta, weight=float(self.round_tokens), epoch=self.epoch,
