@@ -121,13 +121,15 @@ class Agreement:
 
 
 def check_agreement(records: list[ProgressRecord], *, epoch: int, my_peer_id: str, my_hash: str) -> Agreement:
-    """This peer disagrees when another hash is held by strictly more peers at the same epoch than its own."""
+    """Which theta_g the peers at `epoch` hold, and whether this peer's is it.
+
+    The reference hash is the one most peers at the epoch hold; a tie goes to the
+    smallest hash, so that every peer picks the same reference and two split halves
+    of a swarm converge (the losers repair from the winners) instead of staying apart.
+    """
     # theta_g does not change during a round, so any record of the epoch carries the round's hash.
-    at_epoch = {r.peer_id: r.param_sha256 for r in records if r.epoch == epoch}
+    at_epoch = {r.peer_id: r.param_sha256 for r in records if r.epoch == epoch and r.in_sync}
     at_epoch[my_peer_id] = my_hash
     counts = Counter(at_epoch.values())
-    (top_hash, top_votes), *rest = counts.most_common()
-    tie = bool(rest) and rest[0][1] == top_votes
-    majority = None if tie else top_hash
-    mine_agrees = counts[my_hash] >= top_votes
-    return Agreement(epoch=epoch, majority_hash=majority, votes=top_votes, peers=len(at_epoch), mine_agrees=mine_agrees)
+    reference, votes = min(counts.items(), key=lambda item: (-item[1], item[0]))
+    return Agreement(epoch=epoch, majority_hash=reference, votes=votes, peers=len(at_epoch), mine_agrees=my_hash == reference)

@@ -38,8 +38,9 @@ def test_agreement_is_by_majority_of_the_same_epoch() -> None:
     assert check_agreement(others, epoch=3, my_peer_id="me", my_hash=a).mine_agrees
     verdict = check_agreement(others, epoch=3, my_peer_id="me", my_hash=b)
     assert not verdict.mine_agrees and verdict.majority_hash == a and verdict.votes == 2 and verdict.peers == 3
-    # A tie names no majority and condemns nobody.
-    assert check_agreement([record("p1", 3, a)], epoch=3, my_peer_id="me", my_hash=b).mine_agrees
+    # A tie goes to the smallest hash, the same choice on every peer: one side repairs, the swarm converges.
+    assert check_agreement([record("p1", 3, b)], epoch=3, my_peer_id="me", my_hash=a).mine_agrees
+    assert not check_agreement([record("p1", 3, a)], epoch=3, my_peer_id="me", my_hash=b).mine_agrees
 
 
 def test_records_are_signed_and_cannot_be_overwritten_by_another_peer(tmp_path: Path) -> None:
