@@ -111,6 +111,7 @@ class _Donor:
     streams: int = 0  # stream threads currently assigned to it
     busy_until: float = 0.0
     busy_count: int = 0
+    saturated: bool = False  # answered busy too often: keep the streams it serves, open no new ones
     failure: str | None = None
     bad: bool = False
 
@@ -171,7 +172,7 @@ class _Transfer:
         self.cond.notify_all()
 
     def _choose_donor(self, now: float) -> _Donor | None:
-        ready = [d for d in self.donors if d.failure is None and d.busy_until <= now]
+        ready = [d for d in self.donors if d.failure is None and not d.saturated and d.busy_until <= now]
         if not ready:
             return None
         fewest = min(d.streams for d in ready)
@@ -191,11 +192,15 @@ class _Transfer:
                 continue
             donor = current if current is not None and current.failure is None else self._choose_donor(now)
             if donor is None:
-                alive = [d for d in self.donors if d.failure is None]
-                if not alive:
-                    self._fail("no donor left: " + "; ".join(f"{d.peer_id[:16]}: {d.failure}" for d in self.donors[:3]))
+                openable = [d for d in self.donors if d.failure is None and not d.saturated]
+                serving = [d for d in self.donors if d.failure is None and d.streams > 0]
+                if not openable and not serving:
+                    self._fail("no donor left: " + "; ".join(
+                        f"{d.peer_id[:16]}: {d.failure or 'busy'}" for d in self.donors[:3]))
                     return None
-                wait = min(d.busy_until for d in alive) - now  # every alive donor is busy: back off
+                # Every donor that could take another stream is busy (back off), or only streams already
+                # connected can make progress (this one waits in case their donor fails and parts come back).
+                wait = min((d.busy_until for d in openable), default=now + _WAKE_S) - now
                 self.cond.wait(min(max(wait, 0.001), _WAKE_S))
                 continue
             if donor is not current:
@@ -299,7 +304,9 @@ class _Transfer:
                         donor.busy_until = time.monotonic() + min(
                             _BUSY_BACKOFF[0] * 2 ** min(donor.busy_count - 1, 10), _BUSY_BACKOFF[1])
                         if donor.busy_count > MAX_BUSY_ANSWERS:
-                            donor.lose(f"busy ({donor.busy_count} times)", bad=False, snapshot=self.manifest_sha256)
+                            donor.saturated = True
+                            if donor.streams <= 1:  # this stream was its last: the donor is of no use any more
+                                donor.lose(f"busy ({donor.busy_count} times)", bad=False, snapshot=self.manifest_sha256)
                         self._give_back(part)
                         donor.streams -= 1
                         self._drop(conn)

@@ -191,6 +191,8 @@ class StateServer:
             try:
                 conn, _ = await loop.sock_accept(self._listener)
             except OSError as error:  # e.g. EMFILE: back off instead of spinning
+                if self._crashed:
+                    return
                 logger.warning("state server accept failed: %s", error)
                 await asyncio.sleep(0.1)
                 continue

@@ -70,8 +70,11 @@ def tcp_endpoints(maddrs: Iterable[Multiaddr | str], port: int) -> list[str]:
     Non-loopback addresses first (what other machines can reach), loopback last, no duplicates.
     """
     found: list[str] = []
-    for maddr in maddrs:
-        maddr = Multiaddr(str(maddr)) if not isinstance(maddr, Multiaddr) else maddr
+    for item in maddrs:
+        try:
+            maddr = item if isinstance(item, Multiaddr) else Multiaddr(str(item))
+        except Exception:  # an address this multiaddr library cannot parse gives no endpoint
+            continue
         for proto in ("ip4", "ip6"):
             try:
                 ip = ipaddress.ip_address(maddr.value_for_protocol(proto))
