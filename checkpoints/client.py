@@ -87,12 +87,14 @@ class DonorConnection:
 
     def _recv_into(self, view: memoryview) -> None:
         pos = 0
+        wait = -1.0
         while pos < len(view):  # each pass receives >0 bytes or raises: bounded by size and deadline
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise DonorGone("deadline reached mid-transfer")
-            wait = min(self.io_timeout, remaining)
-            self.sock.settimeout(wait)
+            if wait != self.io_timeout or remaining < wait:  # set once per call unless the deadline gets closer
+                wait = min(self.io_timeout, remaining)
+                self.sock.settimeout(wait)
             try:
                 got = self.sock.recv_into(view[pos:])
             except TimeoutError:

@@ -244,6 +244,19 @@ def test_donor_closing_mid_transfer_costs_only_a_retry() -> None:
     assert [p for p, _ in result.failed_donors] == ["dying"] and result.bad_donors == []
 
 
+def test_stalled_donor_times_out_and_its_parts_come_from_another() -> None:
+    state = make_state()
+    snapshot = snapshot_of(state)
+    with serving(snapshot, faults=ServerFaults(part_delay_s=5.0)) as stalled, serving(snapshot, faults=PACED) as healthy:
+        offers = [offer_for(snapshot, "stalled", stalled.address()[1]), offer_for(snapshot, "healthy", healthy.address()[1])]
+        started = time.monotonic()
+        result = fetch_state(offers, streams=4, timeout=30, io_timeout=0.5)
+        assert time.monotonic() - started < 4.0  # did not wait for the stalled donor's parts
+    assert_same(result.tensors, state)
+    assert "healthy" in result.donors and result.failed_donors[0][0] == "stalled"  # (it may have sent the manifest)
+    assert "stalled" in result.failed_donors[0][1]
+
+
 @contextmanager
 def donor_process(tmp_path: Path, state: dict[str, dict[str, torch.Tensor]], *,
                   part_delay: float) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
