@@ -89,14 +89,12 @@ def rank_offers(offers: Sequence[OfferLike]) -> list[list[OfferLike]]:
     """Offers grouped by the snapshot they claim, best first: newest epoch, then most donors.
 
     An offer's claim is (manifest, epoch, param hash, size); donors only pool parts when
-    they agree on all of it. One offer per peer (its newest) counts.
+    they agree on all of it. Offers are not merged by their ``peer_id``: that field is
+    self-declared, and merging by it would let one signer shadow another's offer (the DHT
+    already keeps one offer per signing key).
     """
-    newest: dict[str, OfferLike] = {}
-    for offer in offers:
-        if offer.peer_id not in newest or offer.time > newest[offer.peer_id].time:
-            newest[offer.peer_id] = offer
     groups: dict[tuple[str, int, str, int], list[OfferLike]] = {}
-    for offer in newest.values():
+    for offer in offers:
         groups.setdefault((offer.manifest_sha256, offer.epoch, offer.param_sha256, offer.total_bytes), []).append(offer)
     return sorted(groups.values(), key=lambda g: (g[0].epoch, len(g)), reverse=True)
 

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import msgpack
@@ -129,7 +130,7 @@ class StateSnapshot:
     part_bytes: int
     total_bytes: int
     parts_sha256: tuple[str, ...]
-    meta: dict[str, Any]
+    meta: Mapping[str, Any]  # read-only view of the canonical metadata
     _view: memoryview = field(repr=False)  # read-only view of the flat buffer (keeps the buffer alive)
 
     @property
@@ -200,7 +201,7 @@ class StateSnapshot:
             raise StateTransferError(f"manifest is {len(manifest)} bytes, over the {MAX_MANIFEST_BYTES} limit")
         return cls(
             manifest=manifest, manifest_sha256=hashlib.sha256(manifest).hexdigest(), part_bytes=part_bytes,
-            total_bytes=total, parts_sha256=tuple(parts), meta=canonical_meta, _view=view,
+            total_bytes=total, parts_sha256=tuple(parts), meta=MappingProxyType(canonical_meta), _view=view,
         )
 
 

@@ -426,6 +426,9 @@ def test_newest_epoch_is_preferred_and_a_dead_one_falls_back() -> None:
     # Same epoch: the snapshot more donors agree on wins.
     lone = offer_for(new, "lone", 1, epoch=4)
     assert rank_offers([lone, *offers[:2]])[0][0].manifest_sha256 == old.manifest_sha256
+    # A newer offer claiming someone else's (self-declared) peer id does not shadow theirs.
+    impostor = offer_for(new, "a", 2, epoch=4).copy(update={"time": offers[0].time + 10})
+    assert sorted(len(g) for g in rank_offers([*offers[:2], impostor])) == [1, 2]
 
 
 def test_nobody_to_fetch_from_is_a_one_line_error() -> None:
