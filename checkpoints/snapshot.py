@@ -82,6 +82,7 @@ class Manifest:
     part_bytes: int
     total_bytes: int
     parts_sha256: tuple[str, ...]
+    groups: tuple[str, ...]  # every group, empty ones included (outer momentum before the first outer step)
     tensors: tuple[TensorEntry, ...]
     meta: dict[str, Any]
 
@@ -190,6 +191,7 @@ class StateSnapshot:
             "part_bytes": part_bytes,
             "total_bytes": total,
             "parts": parts,
+            "groups": sorted(tensors),
             "tensors": [[e.group, e.name, e.dtype, list(e.shape), e.offset, e.nbytes] for e, _ in layout],
             "meta": canonical_meta,
         }
@@ -209,8 +211,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_shapes(entries: Sequence[TensorEntry], expect_shapes: Shapes) -> None:
-    got: dict[str, dict[str, tuple[int, ...]]] = {}
+def _check_shapes(groups: Sequence[str], entries: Sequence[TensorEntry], expect_shapes: Shapes) -> None:
+    got: dict[str, dict[str, tuple[int, ...]]] = {g: {} for g in groups}
     for e in entries:
         got.setdefault(e.group, {})[e.name] = e.shape
     for group, expected in expect_shapes.items():
@@ -248,7 +250,7 @@ def parse_manifest(
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise StateTransferError(f"manifest is not a {FORMAT} document")
     part_bytes, total, parts = doc.get("part_bytes"), doc.get("total_bytes"), doc.get("parts")
-    raw_tensors, meta = doc.get("tensors"), doc.get("meta")
+    raw_tensors, meta, groups = doc.get("tensors"), doc.get("meta"), doc.get("groups")
     if not _is_int(part_bytes) or not 0 < part_bytes <= MAX_PART_BYTES:
         raise StateTransferError(f"manifest part_bytes {part_bytes!r} is out of range")
     if not _is_int(total) or not 0 <= total <= max_total_bytes:
@@ -260,6 +262,9 @@ def parse_manifest(
             raise StateTransferError("manifest part hash is not 64 lowercase hex digits")
     if not isinstance(meta, dict):
         raise StateTransferError("manifest meta is not a map")
+    if (not isinstance(groups, list) or len(set(map(str, groups))) != len(groups)
+            or not all(isinstance(g, str) and 0 < len(g) <= MAX_NAME_CHARS for g in groups)):
+        raise StateTransferError("manifest group list is not a list of distinct short names")
     if not isinstance(raw_tensors, list):
         raise StateTransferError("manifest tensor table is not a list")
     entries: list[TensorEntry] = []
@@ -272,6 +277,8 @@ def parse_manifest(
                 and 0 < len(name) <= MAX_NAME_CHARS):
             raise StateTransferError("manifest tensor group/name is not a short non-empty string")
         label = f"{group}/{name}"[:100]
+        if group not in groups:
+            raise StateTransferError(f"manifest tensor {label} belongs to an undeclared group")
         if (group, name) in seen:
             raise StateTransferError(f"manifest lists {label} twice")
         seen.add((group, name))
@@ -291,8 +298,9 @@ def parse_manifest(
         if before.offset + before.nbytes > after.offset:
             raise StateTransferError(f"manifest tensors {before.group}/{before.name} and {after.group}/{after.name} overlap")
     if expect_shapes is not None:
-        _check_shapes(entries, expect_shapes)
-    return Manifest(part_bytes=part_bytes, total_bytes=total, parts_sha256=tuple(parts), tensors=tuple(entries), meta=meta)
+        _check_shapes(groups, entries, expect_shapes)
+    return Manifest(part_bytes=part_bytes, total_bytes=total, parts_sha256=tuple(parts), groups=tuple(groups),
+                    tensors=tuple(entries), meta=meta)
 
 
 def tensors_from_buffer(manifest: Manifest, buffer: torch.Tensor) -> Tensors:
@@ -302,7 +310,7 @@ def tensors_from_buffer(manifest: Manifest, buffer: torch.Tensor) -> Tensors:
     """
     if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != manifest.total_bytes:
         raise StateTransferError("buffer does not match the manifest's total size")
-    out: Tensors = {}
+    out: Tensors = {group: {} for group in manifest.groups}
     for e in manifest.tensors:
         raw = buffer[e.offset:e.offset + e.nbytes]
         out.setdefault(e.group, {})[e.name] = raw.view(ALLOWED_DTYPES[e.dtype]).view(e.shape)

@@ -136,6 +136,16 @@ def test_snapshot_is_deterministic_and_decodes_bitwise() -> None:
         == tensors["global"]["embed.weight"][0, 0]
 
 
+def test_empty_groups_survive_the_round_trip() -> None:
+    state = {"global": {"w": torch.ones(3)}, "outer": {}}  # no outer momentum before the first outer step
+    snapshot = StateSnapshot.build(tensors=state, meta={}, part_bytes=PART)
+    tensors, _ = decode_snapshot(snapshot.manifest, [snapshot.part(i) for i in range(snapshot.num_parts)],
+                                 expect_shapes={"global": {"w": (3,)}, "outer": {}})
+    assert tensors["outer"] == {} and torch.equal(tensors["global"]["w"], torch.ones(3))
+    with pytest.raises(StateTransferError, match="missing"):
+        parse_manifest(snapshot.manifest, expect_shapes={"outer": {"momentum.0": (3,)}})
+
+
 def test_snapshot_refuses_unsupported_dtypes() -> None:
     with pytest.raises(StateTransferError, match="float64"):
         StateSnapshot.build(tensors={"global": {"x": torch.zeros(3, dtype=torch.float64)}}, meta={})
@@ -165,6 +175,8 @@ def _set_row(index: int, column: int, value: Any) -> Any:
     (lambda doc: doc.__setitem__("total_bytes", 1 << 45), "out of range"),
     (lambda doc: doc.__setitem__("part_bytes", True), "part_bytes"),
     (lambda doc: doc.__setitem__("format", "pickle"), "not a diloco-state-v1"),
+    (lambda doc: doc["groups"].remove("outer"), "undeclared group"),
+    (lambda doc: doc["groups"].append("global"), "distinct"),
 ])
 def test_decode_refuses_malformed_manifests(change: Any, message: str) -> None:
     snapshot = snapshot_of(make_state())
