@@ -149,6 +149,9 @@ class SwarmConfig(_Section):
     request_timeout: float = Field(3.0, gt=0)
     """Timeout of one request to a peer; must be below matchmaking_time."""
 
+    fetch_timeout: float = Field(600.0, gt=0)
+    """Longest a worker spends downloading the swarm's state when it is behind (a newcomer, a restart)."""
+
     min_peers: int = Field(1, ge=1)
     """Before the first round, wait until this many peers of the run (this one included) are live."""
 

@@ -53,3 +53,26 @@ class RoundProgress:
 
     def shutdown(self) -> None:
         self._progress.stop()
+
+
+class DownloadProgress:
+    """A bar for a state download: bytes, rate, time left. Use as a context manager; call it with (done, total)."""
+
+    def __init__(self, *, enabled: bool, description: str) -> None:
+        from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self._progress = Progress(
+            TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+            console=console, disable=not enabled, transient=False,
+        )
+        self._task = self._progress.add_task("download", total=None)
+
+    def __enter__(self) -> DownloadProgress:
+        self._progress.start()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        self._progress.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()

@@ -83,10 +83,14 @@ class LocalSwarm:
         base = self.options.base_dir
         first = Member(name="w0", run_dir=base / "w0", extra=["--min-peers", str(self.options.workers)])
         self.members.append(first)
+        spawned = time.time()
         self._spawn(first)
         peer_file = first.run_dir / "peer.json"
         deadline = time.monotonic() + 120
-        while not peer_file.exists():
+        # A peer.json from an earlier run names a dead address: wait for the one this start writes.
+        while not (peer_file.exists() and peer_file.stat().st_mtime >= spawned - 1):
+            if self.stopping:
+                raise RuntimeError("stopped before the bootstrap worker came up")
             if first.proc is not None and first.proc.poll() is not None:
                 raise RuntimeError(f"the bootstrap worker exited with {first.proc.returncode}; see {first.run_dir / 'worker.log'}")
             if time.monotonic() > deadline:
@@ -195,11 +199,16 @@ def run_local_swarm(options: SwarmOptions, *, console: Console | None = None) ->
     def on_signal(signum: int, frame: object) -> None:
         nonlocal interrupted
         interrupted = True
+        swarm.stopping = True
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        swarm.start()
+        try:
+            swarm.start()
+        except RuntimeError as e:
+            console.print(f"error: {e}")
+            return 1
         next_chaos = time.monotonic() + options.chaos_every if options.chaos_every else float("inf")
         late_added = not options.late_joiner_after
         with Live(swarm.table(), console=console, refresh_per_second=2, transient=False,

@@ -19,12 +19,21 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 
 from averaging.outer import OuterOptimizer
-from checkpoints import CheckpointStore, RunDirLock, TrainingState, param_sha256
+from checkpoints import (
+    CheckpointStore,
+    FetchResult,
+    RunDirLock,
+    StateTransferError,
+    TrainingState,
+    param_sha256,
+)
 from dht.node import SwarmNode
+from dht.offers import offer_validators
 from dht.records import load_or_create_record_key, record_validators
+from worker.catchup import SharedState, StateExchange, describe
 from worker.children import reap_leftovers, record_children
 from worker.config import WorkerConfig
-from worker.console import RoundProgress, notice
+from worker.console import DownloadProgress, RoundProgress, notice
 from worker.data import make_tokenizer, open_stream
 from worker.faults import fault_at
 from worker.metrics import MetricsLog
@@ -35,6 +44,18 @@ from worker.train import InnerTrainer
 
 class WorkerError(Exception):
     """The worker cannot start or go on as asked; one-line message."""
+
+
+def listen_host(host_maddrs: list[str]) -> str:
+    """The IP the state server binds: the DHT's first IPv4 listen address (0.0.0.0 when it listens on all)."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for maddr in host_maddrs:
+        try:
+            return str(Multiaddr(maddr).value_for_protocol("ip4"))
+        except Exception:  # not an ip4 address
+            continue
+    return "0.0.0.0"
 
 
 def pick_device(choice: str) -> torch.device:
@@ -59,6 +80,7 @@ class Worker:
         self._saved_at: tuple[int, int] | None = None
         self._started = False  # set once state is loaded: only then is there anything to save
         self.peers_seen = 1
+        self._forced = False  # a second Ctrl-C: shutdown must not save a possibly half-updated state
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -70,6 +92,8 @@ class Worker:
         leftovers = reap_leftovers(self.run_dir / "children.json")
         if leftovers:
             notice(f"stopped {len(leftovers)} process(es) left running by a crashed worker of this run dir")
+        # A peer.json from an earlier start names a dead address: scripts wait for the new one.
+        (self.run_dir / "peer.json").unlink(missing_ok=True)
         # Only after the lock: the store clears half-written checkpoints left by a crash.
         self.store = CheckpointStore(directory=self.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
         if cfg.run.threads:
@@ -90,15 +114,14 @@ class Worker:
             initial_peers=cfg.swarm.initial_peers,
             host_maddrs=cfg.swarm.host_maddrs,
             announce_maddrs=cfg.swarm.announce_maddrs,
-            record_validators=record_validators(cfg.run.run_id, record_key),
+            record_validators=[*record_validators(cfg.run.run_id, record_key), *offer_validators(cfg.run.run_id, record_key)],
         )
         dht = self.node.start()
         self.node.write_peer_file(self.run_dir / "peer.json")
         self.peer_id = self.node.peer_id
-        self.swarm = SwarmView(
-            dht=dht, run_id=cfg.run.run_id, peer_id=self.peer_id, signer=RSASignatureValidator(record_key),
-            maddrs=[str(m) for m in self.node.visible_maddrs()],
-        )
+        signer = RSASignatureValidator(record_key)
+        maddrs = [str(m) for m in self.node.visible_maddrs()]
+        self.swarm = SwarmView(dht=dht, run_id=cfg.run.run_id, peer_id=self.peer_id, signer=signer, maddrs=maddrs)
 
         self.names = [name for name, _ in model.named_parameters()]
         self.outer = OuterOptimizer(
@@ -112,10 +135,17 @@ class Worker:
             dht=dht, run_id=cfg.run.run_id, template=self.outer.delta, compression=cfg.swarm.compression,
             matchmaking_time=cfg.swarm.matchmaking_time, request_timeout=cfg.swarm.request_timeout,
             allreduce_timeout=cfg.swarm.averaging_timeout,
+            # A member silent this long is dead; it must fit twice into one all-reduce (SwarmAverager checks).
+            next_chunk_timeout=min(5.0, cfg.swarm.averaging_timeout / 2),
         )
         self.averager.start()
         self.install_signal_handlers()  # children are up: from now on Ctrl-C means "save and stop"
         record_children(self.run_dir / "children.json")
+        self.exchange = StateExchange(
+            dht=dht, run_id=cfg.run.run_id, peer_id=self.peer_id, signer=signer, maddrs=maddrs,
+            listen_host=listen_host(cfg.swarm.host_maddrs), model_signature=self.signature,
+        )
+        self.exchange.start()
         self.device = pick_device(cfg.run.device)
         self.trainer = InnerTrainer(model=model, cfg=cfg.train, device=self.device, compile_model=cfg.model.compile)
         self.data = open_stream(
@@ -127,13 +157,17 @@ class Worker:
         self._load_from_disk()
         self.progress = LocalProgress(epoch=self.epoch, inner_step=self.inner_step, param_sha256=self.param_hash())
         self.swarm.publish(self.progress, force=True)
+        self._started = True
+        self._announce(count_parameters(model))
         if cfg.swarm.min_peers > 1:
             notice(f"waiting up to {cfg.swarm.join_timeout:.0f}s for {cfg.swarm.min_peers} peers of run {cfg.run.run_id!r}…")
             live = self.swarm.wait_for_peers(count=cfg.swarm.min_peers, until=time.monotonic() + cfg.swarm.join_timeout,
                                              stop=lambda: self.stop_requested)
             notice(f"{live} peer(s) live; starting")
-        self._started = True
-        self._announce(count_parameters(model))
+        # A newcomer, or a restart from an old checkpoint, starts from the swarm's newest state.
+        self._catch_up()
+        if self.epoch > 0 and self.inner_step == 0:
+            self._offer_state()
 
     def _check_run_dir(self) -> None:
         """A run dir belongs to one run id and one model shape: refuse to mix them."""
@@ -169,9 +203,16 @@ class Worker:
 
     def shutdown(self) -> None:
         try:
-            if self._started and self._saved_at != (self.epoch, self.inner_step):
+            # After a forced stop the state may be half-updated: the last checkpoint stands.
+            if self._started and not self._forced and self._saved_at != (self.epoch, self.inner_step):
                 self.save_checkpoint()
         finally:
+            if self._started:
+                self.swarm.leave()  # peers stop waiting for this one at once, not after its record expires
+            exchange = getattr(self, "exchange", None)
+            if exchange is not None:
+                exchange.shutdown()
+                self.exchange = None
             averager = getattr(self, "averager", None)
             if averager is not None:
                 averager.shutdown()
@@ -187,7 +228,8 @@ class Worker:
     def install_signal_handlers(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
             if self.stop_requested:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now, shutdown still runs
+                self._forced = True
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving a possibly torn state
             self.stop_requested = True
             notice(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint (again to force)")
 
@@ -202,6 +244,11 @@ class Worker:
         progress.start()
         try:
             while not self.stop_requested and (cfg.run.max_epochs == 0 or self.epoch < cfg.run.max_epochs):
+                if not self.progress.in_sync:
+                    self._repair()
+                    continue
+                if self.inner_step == 0:
+                    self._catch_up()  # missed rounds (a failed group, a pause): take the swarm's newest state
                 self._inner_phase(progress)
                 if self.stop_requested:
                     break
@@ -233,29 +280,42 @@ class Worker:
                 progress.update(epoch=self.epoch, step=self.inner_step, loss=loss, tps=tps, peers=self.peers_seen)
             self.progress.inner_step = self.inner_step
             self.swarm.publish(self.progress)
+            self.exchange.refresh()
 
     def _outer_step(self) -> None:
         cfg = self.cfg
         began = time.perf_counter()
         deadline_mono = time.monotonic() + cfg.swarm.averaging_timeout
         self.outer.compute_pseudo_gradient(self.trainer.params)
+        if not all(bool(torch.isfinite(d).all()) for d in self.outer.delta):
+            # A diverged local model must not reach theta_g, nor anyone else's: drop this round's work.
+            notice(f"[bold red]the pseudo-gradient of epoch {self.epoch} is not finite: round dropped[/]")
+            self.metrics.emit("round_dropped", epoch=self.epoch, reason="non-finite pseudo-gradient")
+            self.outer.copy_to(self.trainer.params)
+            self.inner_step, self.round_tokens = 0, 0
+            return
         # Check this worker still holds the swarm's theta_g, then tell the others whether it is ready to average.
         agreement = self.swarm.agreement(epoch=self.epoch, my_hash=self.progress.param_sha256)
-        if not agreement.mine_agrees and self.progress.in_sync:
+        if not agreement.mine_agrees:
             self.progress.in_sync = False
+            self.swarm.publish(self.progress, force=True)
             notice(
                 f"[bold red]theta_g at epoch {self.epoch} disagrees with the swarm "
                 f"({agreement.votes} of {agreement.peers} peers hold {str(agreement.majority_hash)[:12]}, this peer "
-                f"{self.progress.param_sha256[:12]}): no longer contributing to averaging until it is repaired[/]"
+                f"{self.progress.param_sha256[:12]}): repairing from the swarm before contributing again[/]"
             )
             self.metrics.emit("desync", epoch=self.epoch, majority_hash=agreement.majority_hash,
                               votes=agreement.votes, peers=agreement.peers, param_sha256=self.progress.param_sha256)
+            self._repair_target = agreement.majority_hash
+            self.exchange.withdraw()  # stop announcing a state the swarm does not hold
+            return
         self.progress.inner_step = self.inner_step
         self.swarm.publish(self.progress, force=True)
         group_size, allreduce_s, sent, received, expected = 1, 0.0, 0, 0, 1
         if self.progress.in_sync:
-            # Wait (bounded) for the peers of this round that are still in their inner phase.
-            budget = cfg.swarm.averaging_timeout - cfg.swarm.matchmaking_time
+            # Wait (bounded) for the peers of this round that are still in their inner phase; half of the
+            # outer step's time at most, so that matchmaking and the all-reduce keep the other half.
+            budget = cfg.swarm.averaging_timeout / 2
             expected = self.swarm.wait_for_round(epoch=self.epoch, inner_steps=cfg.train.inner_steps,
                                                  until=time.monotonic() + max(0.0, budget),
                                                  stop=lambda: self.stop_requested)
@@ -284,11 +344,91 @@ class Worker:
         self.progress.epoch, self.progress.inner_step = self.epoch, 0
         self.progress.param_sha256 = self.param_hash()
         self.swarm.publish(self.progress, force=True)
+        self._offer_state()
         self.metrics.emit(
             "outer_step", epoch=self.epoch, group_size=group_size, param_sha256=self.progress.param_sha256,
             blocked_s=time.perf_counter() - began, allreduce_s=allreduce_s, bytes_sent=sent,
             bytes_received=received, tokens=tokens, expected_peers=expected, in_sync=self.progress.in_sync,
         )
+
+    # -- state from and for the swarm --------------------------------------------------------
+
+    def _shared_state(self) -> SharedState:
+        return SharedState(
+            epoch=self.epoch, global_step=self.trainer.step_count, param_sha256=self.progress.param_sha256,
+            params=dict(zip(self.names, self.outer.params, strict=True)), outer=self.outer.state_tensors(),
+        )
+
+    def _offer_state(self) -> None:
+        if self.progress.in_sync and self.exchange is not None:
+            self.exchange.offer(self._shared_state())
+
+    def _expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        shapes = {"global": {n: tuple(p.shape) for n, p in zip(self.names, self.outer.params, strict=True)}}
+        if self.cfg.outer.outer_momentum > 0:
+            shapes["outer"] = {f"momentum.{i}": tuple(p.shape) for i, p in enumerate(self.outer.params)}
+        return shapes
+
+    def _catch_up(self, *, avoid_hash: str | None = None) -> bool:
+        """Load the swarm's newest state when it is ahead of this worker (or, with `avoid_hash`, differs
+        from it at the same epoch). Fetches again if the swarm moved on during a download."""
+        fetched = False
+        for _ in range(3):
+            if self.stop_requested:
+                break
+            try:
+                with DownloadProgress(enabled=self.cfg.run.progress and sys.stderr.isatty(),
+                                      description="fetching the swarm's state") as bar:
+                    result = self.exchange.fetch(newer_than=self.epoch, expect_shapes=self._expected_shapes(),
+                                                 timeout=self.cfg.swarm.fetch_timeout, avoid_hash=avoid_hash, progress=bar)
+            except StateTransferError as e:
+                notice(f"[yellow]could not fetch the swarm's state: {e}[/]")
+                self.metrics.emit("state_fetch_failed", epoch=self.epoch, reason=str(e))
+                break
+            if result is None:
+                break
+            self._load_fetched(result)
+            fetched, avoid_hash = True, None
+        return fetched
+
+    def _load_fetched(self, result: FetchResult) -> None:
+        global_tensors = result.tensors["global"]
+        self.outer.load_params([global_tensors[n] for n in self.names])
+        self.outer.load_state_tensors(dict(result.tensors.get("outer", {})))
+        self.outer.copy_to(self.trainer.params)
+        if self.param_hash() != result.param_sha256:
+            raise WorkerError("state fetched from peers does not match its verified hash after loading (a bug)")
+        self.epoch, self.round_tokens = result.epoch, 0
+        self.trainer.step_count = int(result.meta.get("global_step", self.epoch * self.cfg.train.inner_steps))
+        # Join the round where the others are, so this worker reaches the outer step with them.
+        self.inner_step = min(self.swarm.round_position(epoch=self.epoch), self.cfg.train.inner_steps - 1)
+        self.trainer.step_count += self.inner_step
+        self.progress.epoch, self.progress.inner_step = self.epoch, self.inner_step
+        self.progress.param_sha256, self.progress.in_sync = result.param_sha256, True
+        self.swarm.publish(self.progress, force=True)
+        for peer, reason in result.bad_donors:
+            notice(f"[bold red]donor {peer} served state that does not match its offer ({reason}); ignored[/]")
+        self.metrics.emit("state_loaded", inner_step=self.inner_step, **describe(result))
+        notice(f"caught up with the swarm: epoch {self.epoch} from {len(result.donors)} donor(s), "
+               f"{result.bytes / 1e6:.1f} MB in {result.seconds:.2f}s")
+
+    def _repair(self) -> None:
+        """A worker whose theta_g disagreed fetches the reference state; until then it does not contribute."""
+        target = getattr(self, "_repair_target", None)
+        deadline = time.monotonic() + self.cfg.swarm.averaging_timeout * 2
+        while not self.stop_requested and time.monotonic() < deadline:
+            if self._catch_up(avoid_hash=self.progress.param_sha256):
+                notice(f"repaired: theta_g now matches the swarm at epoch {self.epoch}")
+                self.metrics.emit("repaired", epoch=self.epoch, param_sha256=self.progress.param_sha256,
+                                  target=target)
+                return
+            time.sleep(1.0)  # the reference state may not be offered yet (its holders are mid-outer-step)
+        if not self.stop_requested:
+            # Nobody offers a better state: go on alone rather than stall; the next round checks again.
+            notice("[yellow]no peer offers the reference state; training on alone[/]")
+            self.progress.in_sync = True
+            self.inner_step, self.round_tokens = 0, 0
+            self.outer.copy_to(self.trainer.params)
 
     def param_hash(self) -> str:
         return param_sha256(dict(zip(self.names, self.outer.params, strict=True)))
@@ -346,8 +486,8 @@ class Worker:
         with torch.no_grad():
             for name, param in zip(self.names, self.trainer.params, strict=True):
                 param.copy_((local or global_tensors)[name])
-        if state.tensors.get("inner"):
-            self.trainer.load_optimizer_tensors(state.tensors["inner"], meta["inner_optimizer"])
+        if state.tensors.get("inner") and not self.trainer.load_optimizer_tensors(state.tensors["inner"], meta["inner_optimizer"]):
+            notice("[yellow]the checkpoint's inner optimizer is of another kind: starting it afresh[/]")
         self.trainer.step_count = int(meta["global_step"])
         self.data.load_state(meta["data"])
         if "rng" in state.tensors:

@@ -72,6 +72,19 @@ class SwarmView:
             logger.warning("could not read the progress board: %s", e)
             return []
 
+    def leave(self) -> None:
+        """Withdraw this peer's record (a clean shutdown): the others stop waiting for it at once."""
+        try:
+            self.board.dht.store(key=self.board.progress_key, subkey=self.board.signer.local_public_key, value=None,
+                                 expiration_time=get_dht_time() + RECORD_TTL, return_future=False)
+        except Exception as e:
+            logger.warning("could not withdraw the progress record: %s", e)
+
+    def round_position(self, *, epoch: int) -> int:
+        """How far the in-sync peers at `epoch` are into their round (median inner step; 0 when none)."""
+        steps = sorted(r.inner_step for r in self.others() if r.epoch == epoch and r.in_sync)
+        return steps[len(steps) // 2] if steps else 0
+
     def wait_for_round(self, *, epoch: int, inner_steps: int, until: float, stop: Callable[[], bool] = lambda: False) -> int:
         """Wait (until the monotonic time `until`) for the live in-sync peers at `epoch` to finish their inner phase.
 
@@ -80,7 +93,9 @@ class SwarmView:
         this round's group anyway.
         """
         while True:
-            members = [r for r in self.others() if r.epoch == epoch and r.in_sync]
+            # A peer that stopped refreshing its record (crashed mid-round) is not waited for.
+            fresh_after = get_dht_time() - 2.5 * PUBLISH_EVERY
+            members = [r for r in self.others() if r.epoch == epoch and r.in_sync and r.time > fresh_after]
             ready = [r for r in members if r.inner_step >= inner_steps]
             if len(ready) == len(members) or time.monotonic() >= until or stop():
                 return len(ready) + 1

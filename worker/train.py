@@ -94,9 +94,15 @@ class InnerTrainer:
                     tensors[f"{index}.{key}"] = value.detach().cpu()
         groups = [{k: v for k, v in g.items() if isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
                   for g in state["param_groups"]]
-        return tensors, {"param_groups": groups}
+        return tensors, {"param_groups": groups, "kind": self.cfg.inner_optimizer}
 
-    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bool:
+        """Restore the optimizer's per-parameter state; hyper-parameters stay as configured now.
+
+        Returns False (and loads nothing) when the saved state belongs to another kind of optimizer.
+        """
+        if meta.get("kind", self.cfg.inner_optimizer) != self.cfg.inner_optimizer:
+            return False
         state: dict[int, dict[str, torch.Tensor]] = {}
         for name, value in tensors.items():
             index, key = name.split(".", 1)
@@ -106,5 +112,7 @@ class InnerTrainer:
             for key, value in entry.items():
                 if key != "step" and value.shape != param.shape:
                     raise ValueError(f"inner optimizer state {index}.{key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
-        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        # torch's load_state_dict would also replace the param groups (lr, weight decay, fused...) with the
+        # saved ones: keep the current ones so that a changed flag takes effect on resume.
+        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        return True

@@ -1,0 +1,87 @@
+"""Late joiners and restarts catch up from their peers: verified state, the very next round, never backwards."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import events, start_worker, stop, wait_for
+from tests.test_swarm import SWARM, join_args
+
+
+def outer_epochs(run_dir: Path) -> list[int]:
+    return [r["epoch"] for r in events(run_dir, "outer_step")]
+
+
+@pytest.mark.slow
+def test_late_joiner_fetches_the_state_and_agrees_at_its_first_round(tmp_path: Path, procs: list) -> None:
+    a, b, late = tmp_path / "a", tmp_path / "b", tmp_path / "late"
+    common = [*SWARM, "--max-epochs", "7"]
+    procs.append(start_worker(a, *common, "--min-peers", "2"))
+    entry = join_args(a)
+    procs.append(start_worker(b, *common, "--min-peers", "2", *entry))
+    wait_for(lambda: max(outer_epochs(a), default=0) >= 2, timeout=180, what="the swarm to reach epoch 2")
+    procs.append(start_worker(late, *common, *join_args(b)))  # joins through b: any peer is an entry point
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0
+    [loaded] = events(late, "state_loaded")
+    assert loaded["source"] == "peer" and loaded["epoch"] >= 2 and loaded["bytes"] > 0 and loaded["peer_id"]
+    first = events(late, "outer_step")[0]
+    assert first["epoch"] == loaded["epoch"] + 1  # it contributed to the very next round...
+    assert first["group_size"] == 3  # ...together with both others...
+    same_epoch = {r["epoch"]: r["param_sha256"] for r in events(a, "outer_step")}
+    assert first["param_sha256"] == same_epoch[first["epoch"]]  # ...and ended it with the same theta_g
+    assert not events(late, "desync")
+
+
+@pytest.mark.slow
+def test_restart_after_sigkill_comes_back_with_the_newest_state(tmp_path: Path, procs: list) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    procs.append(start_worker(a, *SWARM, "--max-epochs", "0", "--min-peers", "2"))
+    entry = join_args(a)
+    procs.append(start_worker(b, *SWARM, "--max-epochs", "0", "--min-peers", "2", *entry))
+    wait_for(lambda: max(outer_epochs(b), default=0) >= 2, timeout=180, what="b to reach epoch 2")
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait(timeout=30)
+    # While b is down, a goes on alone: the swarm is now ahead of b's own checkpoint.
+    killed_at = max(outer_epochs(b))
+    wait_for(lambda: max(outer_epochs(a)) >= killed_at + 3, timeout=180, what="a to move on")
+    procs.append(start_worker(b, *SWARM, "--max-epochs", "0", *entry))
+    wait_for(lambda: len(events(b, "outer_step")) >= killed_at + 3, timeout=180, what="b to catch up and average again")
+    assert stop(procs[2]) == 0 and stop(procs[0]) == 0
+    loaded = events(b, "state_loaded")
+    assert [r["source"] for r in loaded] == ["disk", "peer"]  # its own checkpoint first, then the newer swarm state
+    assert loaded[1]["epoch"] > loaded[0]["epoch"] >= killed_at - 1
+    a_hashes = {r["epoch"]: r["param_sha256"] for r in events(a, "outer_step")}
+    after = [r for r in events(b, "outer_step") if r["epoch"] > loaded[1]["epoch"]]
+    assert after and all(r["param_sha256"] == a_hashes[r["epoch"]] for r in after if r["epoch"] in a_hashes)
+    assert after[0]["group_size"] == 2 and after[0]["epoch"] == loaded[1]["epoch"] + 1
+
+
+@pytest.mark.slow
+def test_a_stale_peer_cannot_move_the_swarm_backwards(tmp_path: Path, procs: list) -> None:
+    a, b, stale = tmp_path / "a", tmp_path / "b", tmp_path / "stale"
+    procs.append(start_worker(a, *SWARM, "--max-epochs", "0", "--min-peers", "2"))
+    entry = join_args(a)
+    procs.append(start_worker(b, *SWARM, "--max-epochs", "0", "--min-peers", "2", *entry))
+    wait_for(lambda: events(b, "checkpoint_saved"), timeout=180, what="b's first checkpoint")
+    # A copy of b's checkpoints at an early epoch, under a new identity: a stale peer restarted from an old state.
+    shutil.copytree(b / "checkpoints", stale / "checkpoints")
+    shutil.copy(b / "run.json", stale / "run.json")
+    wait_for(lambda: max(outer_epochs(a), default=0) >= 5, timeout=180, what="the swarm to reach epoch 5")
+    procs.append(start_worker(stale, *SWARM, "--max-epochs", "0", *entry))
+    wait_for(lambda: len(events(stale, "outer_step")) >= 2, timeout=180, what="the stale peer's first rounds")
+    for proc in procs:
+        assert stop(proc) == 0
+    for d in (a, b):
+        epochs = outer_epochs(d)
+        assert epochs == sorted(epochs) and len(set(epochs)) == len(epochs)  # never back, never repeated
+        assert not [r for r in events(d, "state_loaded") if r["source"] == "peer"]  # nobody took the stale state
+    loaded = events(stale, "state_loaded")
+    assert [r["source"] for r in loaded][:2] == ["disk", "peer"] and loaded[1]["epoch"] > loaded[0]["epoch"]
+    a_hashes = {r["epoch"]: r["param_sha256"] for r in events(a, "outer_step")}
+    first = events(stale, "outer_step")[0]
+    assert first["param_sha256"] == a_hashes[first["epoch"]]  # it joined the swarm's state, not the reverse

@@ -1,0 +1,139 @@
+"""The worker's side of state sharing: offer its theta_g to newcomers, and catch up from the swarm.
+
+Every in-sync worker serves an immutable snapshot of theta_g and the outer
+optimizer state (checkpoints.StateServer, plain TCP) and offers it in the DHT
+(dht.offers, signed). A worker that is behind (a newcomer, a restart from an old
+checkpoint, a peer whose hash disagreed) fetches the newest state from every donor
+at once, verifies it, and loads it. Only a newer epoch is ever fetched, so a stale
+peer cannot push an older state onto anyone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+
+from checkpoints import FetchResult, StateServer, StateSnapshot, StateTransferError, fetch_state
+from dht.offers import OFFER_TTL, Offer, publish_offer, read_offers, tcp_endpoints
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SharedState:
+    """What a donor serves: the round's theta_g and outer optimizer state, and where the round stands."""
+
+    epoch: int
+    global_step: int
+    param_sha256: str
+    params: dict[str, torch.Tensor]
+    outer: dict[str, torch.Tensor]
+
+
+class StateExchange:
+    """Serves this worker's state and fetches the swarm's; one per worker, started after the DHT."""
+
+    def __init__(
+        self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator, listen_host: str,
+        maddrs: list[str], model_signature: str, max_streams: int = 8,
+    ) -> None:
+        self.dht, self.run_id, self.peer_id, self.signer = dht, run_id, peer_id, signer
+        self.model_signature = model_signature
+        self.server = StateServer(host=listen_host, port=0, max_streams=max_streams)
+        self._maddrs = maddrs
+        self._endpoints: list[str] = []
+        self._offer: Offer | None = None
+        self._offered_at = 0.0
+
+    def start(self) -> None:
+        self.server.start()
+        _, port = self.server.address()
+        self._endpoints = tcp_endpoints(self._maddrs, port)
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+
+    def offer(self, state: SharedState) -> None:
+        """Serve `state` (a copy: the caller's tensors may change right away) and announce it."""
+        snapshot = StateSnapshot.build(
+            tensors={"global": state.params, "outer": state.outer},
+            meta={"epoch": state.epoch, "global_step": state.global_step, "param_sha256": state.param_sha256,
+                  "run_id": self.run_id, "model_signature": self.model_signature},
+        )
+        self.server.publish(snapshot)
+        self._offer = Offer(peer_id=self.peer_id, epoch=state.epoch, param_sha256=state.param_sha256,
+                            manifest_sha256=snapshot.manifest_sha256, total_bytes=snapshot.total_bytes,
+                            tcp=self._endpoints, time=get_dht_time())
+        self._announce()
+
+    def refresh(self) -> None:
+        """Re-announce the current offer before it expires (offers live OFFER_TTL; rounds may be longer)."""
+        if self._offer is not None and time.monotonic() - self._offered_at > OFFER_TTL / 3:
+            self._offer = self._offer.copy(update={"time": get_dht_time()})
+            self._announce()
+
+    def withdraw(self) -> None:
+        self._offer = None
+
+    def _announce(self) -> None:
+        assert self._offer is not None
+        self._offered_at = time.monotonic()
+        try:
+            publish_offer(self.dht, run_id=self.run_id, signer=self.signer, offer=self._offer, wait=False)
+        except Exception as e:  # a DHT hiccup must not stop training; the next refresh offers again
+            logger.warning("could not publish the state offer: %s", e)
+
+    def others(self) -> list[Offer]:
+        try:
+            return [o for o in read_offers(self.dht, run_id=self.run_id) if o.peer_id != self.peer_id]
+        except Exception as e:
+            logger.warning("could not read state offers: %s", e)
+            return []
+
+    def newest_epoch(self) -> int | None:
+        offers = self.others()
+        return max((o.epoch for o in offers), default=None)
+
+    def fetch(
+        self, *, newer_than: int, expect_shapes: dict[str, dict[str, tuple[int, ...]]], timeout: float,
+        avoid_hash: str | None = None, progress: Callable[[int, int], None] | None = None,
+    ) -> FetchResult | None:
+        """Fetch the newest offered state of an epoch above `newer_than` (or equal, when `avoid_hash` is
+        set and the offer's hash differs from it: the repair of a peer whose theta_g disagrees).
+
+        Returns None when nobody offers such a state. Raises StateTransferError when offers exist but
+        no donor could deliver a verified copy.
+        """
+        offers = [
+            o for o in self.others()
+            if o.epoch > newer_than or (avoid_hash is not None and o.epoch == newer_than and o.param_sha256 != avoid_hash)
+        ]
+        if not offers:
+            return None
+        return fetch_state(offers, expect_shapes=expect_shapes, timeout=timeout, progress=progress)
+
+
+def expected_shapes(params: dict[str, torch.Tensor], outer: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple[int, ...]]]:
+    return {"global": {n: tuple(t.shape) for n, t in params.items()},
+            "outer": {n: tuple(t.shape) for n, t in outer.items()}}
+
+
+def describe(result: FetchResult) -> dict[str, Any]:
+    """The fields of a `state_loaded` event for a fetch from peers."""
+    return {
+        "source": "peer", "epoch": result.epoch, "bytes": result.bytes, "seconds": result.seconds,
+        "mb_per_s": result.bytes / max(result.seconds, 1e-9) / 1e6, "peer_id": result.donors[0] if result.donors else None,
+        "donors": result.donors, "bad_donors": [list(b) for b in result.bad_donors],
+        "failed_donors": [list(f) for f in result.failed_donors], "param_sha256": result.param_sha256,
+    }
+
+
+__all__ = ["SharedState", "StateExchange", "StateTransferError", "describe", "expected_shapes"]
