@@ -34,6 +34,9 @@ test: install
 
 bench: install
 	$(PY) bench/overhead.py
+	$(PY) bench/averaging.py
+	$(PY) bench/catchup.py
+	$(PY) bench/convergence.py --plot docs/convergence.png
 
 lint: install
 	$(VENV)/bin/ruff check .
