@@ -102,3 +102,26 @@ def test_wrong_text_field_is_a_clear_error(tmp_path: Path) -> None:
                     seq_len=8, batch_size=1, shard_key="k", seed=0)
     with pytest.raises(DataError, match="no field 'text'"):
         s.next_batch()
+
+
+def test_workers_read_disjoint_records_of_one_file_and_a_lone_worker_covers_it(tmp_path: Path) -> None:
+    from worker.data import HFSource
+
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc-{i}"}) + "\n" for i in range(400)))
+
+    def first(key: str, n: int) -> list[str]:
+        source = HFSource(name=str(path), config=None, text_field="text", shard_key=key, seed=0)
+        out = []
+        for text in source:
+            out.append(text)
+            if len(out) == n:
+                return out
+        return out
+
+    from worker.data import VIRTUAL_SHARDS, shard_offset
+
+    keys = [f"peer-{i}" for i in range(50)]
+    a, b = next((x, y) for x in keys for y in keys if shard_offset(x, VIRTUAL_SHARDS) != shard_offset(y, VIRTUAL_SHARDS))
+    assert not set(first(a, 50)) & set(first(b, 50))
+    assert set(first(a, 400)) == {f"doc-{i}" for i in range(400)}  # one worker alone still sees everything

@@ -122,6 +122,9 @@ class EmbeddedCorpus:
         self._consumed = int(state["consumed"])
 
 
+# Interleaved slices of a Hugging Face / local dataset that workers spread over (see HFSource).
+VIRTUAL_SHARDS = 8
+
 _LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -158,12 +161,27 @@ class HFSource:
             raise
         except Exception as e:  # datasets raises many types (network, schema, missing files)
             raise DataError(f"cannot open dataset {name!r}: {str(e).splitlines()[0]}") from None
-        # A shuffle seeded by the peer identity gives each worker its own order of shards and records.
-        self._dataset = dataset.shuffle(seed=seed ^ shard_offset(shard_key, 2**31), buffer_size=1000)
+        # The records are cut into VIRTUAL_SHARDS interleaved slices. A worker reads slice (r + pass) on each
+        # pass over the data, r seeded by its identity: at any time two workers most likely read disjoint
+        # records (even from a single file), and a lone worker still covers everything over its passes.
+        self._base = dataset
+        self._rank = shard_offset(shard_key, VIRTUAL_SHARDS)
+        # The same shuffle on every worker and pass (datasets applies it before the split): the slices stay
+        # disjoint between workers and together cover the data over VIRTUAL_SHARDS passes.
+        self._seed = seed
+        self._pass = 0
+        self._dataset = self._slice(0)
         self._text_field = text_field
         self._name = name
 
+    def _slice(self, data_pass: int) -> Any:
+        from datasets.distributed import split_dataset_by_node
+
+        part = split_dataset_by_node(self._base, rank=(self._rank + data_pass) % VIRTUAL_SHARDS, world_size=VIRTUAL_SHARDS)
+        return part.shuffle(seed=self._seed, buffer_size=1000)
+
     def __iter__(self) -> Iterator[str]:
+        empty_passes = 0
         while True:
             empty = True
             for record in self._dataset:
@@ -173,14 +191,19 @@ class HFSource:
                         f"dataset {self._name!r} has no field {self._text_field!r} (fields: {', '.join(record)}); set --text-field"
                     )
                 yield str(record[self._text_field])
-            if empty:
+            # A slice of a tiny dataset may be empty; only a whole round of empty slices means no data.
+            empty_passes = empty_passes + 1 if empty else 0
+            if empty_passes >= VIRTUAL_SHARDS:
                 raise DataError(f"dataset {self._name!r} is empty")
-            self._dataset.set_epoch(getattr(self._dataset, "epoch", 0) + 1)
+            self._pass += 1
+            self._dataset = self._slice(self._pass)
 
     def state(self) -> dict[str, Any]:
-        return {"hf": self._dataset.state_dict()}
+        return {"pass": self._pass, "hf": self._dataset.state_dict()}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        self._pass = int(state.get("pass", 0))
+        self._dataset = self._slice(self._pass)
         self._dataset.load_state_dict(state["hf"])
 
 
