@@ -52,8 +52,9 @@ def test_chaos_mode_restarts_workers_and_none_is_left_stuck(tmp_path: Path) -> N
     assert summary["workers"] == 3
     assert all(code is not None for code in summary["exit_codes"])  # every worker stopped: none left stuck
     assert "chaos: killed and restarted" in err
-    # Every worker kept training: its last epoch advanced past the start.
-    assert all(events(base / f"w{i}", "outer_step") for i in range(3))
+    # Every worker trained, and the swarm as a whole kept making rounds through the chaos.
+    assert all(events(base / f"w{i}", "inner_step") for i in range(3))
+    assert max(r["epoch"] for r in events(base / "w0", "outer_step")) >= 2
 
 
 def test_bad_worker_options_are_refused_once(tmp_path: Path) -> None:

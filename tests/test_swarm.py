@@ -52,11 +52,6 @@ def assert_agreement(dirs: list[Path], *, epochs: int) -> None:
             assert len(set(by_worker.values())) == 1, (epoch, by_worker)
 
 
-def loss_went_down(run_dir: Path) -> bool:
-    inner = events(run_dir, "inner_step")
-    return sum(r["loss"] for r in inner[-8:]) / 8 < sum(r["loss"] for r in inner[:8]) / 8 - 0.3
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("compression", ["none", "int8"])
 def test_three_workers_agree_bitwise(tmp_path: Path, procs: list, compression: str) -> None:
@@ -65,7 +60,10 @@ def test_three_workers_agree_bitwise(tmp_path: Path, procs: list, compression: s
     for proc in procs:
         assert proc.wait(timeout=240) == 0
     assert_agreement(dirs, epochs=epochs)
-    assert all(loss_went_down(d) for d in dirs)
+    # The bootstrap worker trains from epoch 0; a worker whose DHT saw the others later may have caught up from
+    # their state first, so its own first losses are lower already: compare everyone's end with the start.
+    start = sum(r["loss"] for r in events(dirs[0], "inner_step")[:8]) / 8
+    assert all(sum(r["loss"] for r in events(d, "inner_step")[-8:]) / 8 < start - 0.3 for d in dirs)
     full = [r for r in events(dirs[0], "outer_step") if r["group_size"] == 3]
     assert full and all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in full)
 
