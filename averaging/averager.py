@@ -106,7 +106,7 @@ class SwarmAverager:
         next_chunk_timeout: float = 5.0,
         target_group_size: int | None = None,
         min_group_size: int = 2,
-        chunk_numel: int = 2**17,
+        chunk_numel: int = 2**16,
         client_mode: bool | None = None,
         shutdown_timeout: float = 5.0,
     ) -> None:

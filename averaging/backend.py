@@ -55,7 +55,7 @@ from averaging.round import RoundTicket, check_group, handler_namespace
 logger = get_logger(__name__)
 
 # Name of the RPC protocol (our messages differ from stock hivemind's on the same RPCs).
-PROTOCOL = "SwarmAverager-v1"
+PROTOCOL = "SwarmAverager-v2"
 # After a failed attempt, wait this long before matchmaking again: avoids a hot loop when
 # matchmaking itself fails at once (e.g. a DHT hiccup).
 _RETRY_PAUSE_S = 0.2

@@ -309,11 +309,11 @@ def test_invalid_arguments_are_refused(dhts: list[hivemind.DHT]) -> None:
 
 
 class LyingAllReduce(IdenticalAllReduce):
-    """Sends its first chunk to every reducer one byte short."""
+    """Sends its first chunk on every stream to every reducer one byte short."""
 
-    async def _inputs_for(self, reducer: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+    async def _inputs_for(self, reducer: int, lane: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         first = True
-        async for message in super()._inputs_for(reducer):
+        async for message in super()._inputs_for(reducer, lane):
             if first:
                 message.tensor_part.buffer = message.tensor_part.buffer[:-1]
                 first = False
@@ -367,7 +367,7 @@ def test_malformed_payload_fails_the_attempt_without_corrupting_anyone(dhts: lis
 
 
 class DyingAllReduce(IdenticalAllReduce):
-    """Sends two chunks, then stops its whole process group (process, DHT, averager, p2pd).
+    """Sends two chunks (on all its streams together), then stops its whole process group (process, DHT, averager, p2pd).
 
     With SIGKILL its connections close at once; with SIGSTOP they stay open and silent,
     so the survivors can only notice through their timeouts.
@@ -375,12 +375,13 @@ class DyingAllReduce(IdenticalAllReduce):
 
     signal_to_send = signal.SIGKILL
 
-    async def _inputs_for(self, reducer: int) -> AsyncIterator[averaging_pb2.AveragingData]:
-        sent = 0
-        async for message in super()._inputs_for(reducer):
+    sent = 0  # chunks handed over, on all streams together
+
+    async def _inputs_for(self, reducer: int, lane: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._inputs_for(reducer, lane):
             yield message
-            sent += 1
-            if sent >= 2:
+            self.sent += 1
+            if self.sent >= 2:
                 os.killpg(0, self.signal_to_send)
 
 
