@@ -42,29 +42,16 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from checkpoints import StateSnapshot, fetch_state, param_sha256  # noqa: E402
+from dht.offers import Offer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DONOR = ROOT / "bench" / "_catchup_donor.py"
-
-
-@dataclass
-class BenchOffer:
-    """The fields ``fetch_state`` reads from an offer (the DHT is not what is measured here)."""
-
-    peer_id: str
-    epoch: int
-    param_sha256: str
-    manifest_sha256: str
-    total_bytes: int
-    tcp: list[str]
-    time: float
 
 
 def make_state(total_mb: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
@@ -182,9 +169,9 @@ def main() -> None:
 
         with donor("ours", state_file, meta) as a, donor("ours", state_file, meta) as b:
             assert a["manifest_sha256"] == b["manifest_sha256"] == snapshot.manifest_sha256, "donors disagree"
-            offers = [BenchOffer(peer_id=f"donor-{i}", epoch=1, param_sha256=digest,
+            offers = [Offer(peer_id=f"donor-{i}", epoch=1, param_sha256=digest,
                                  manifest_sha256=snapshot.manifest_sha256, total_bytes=total,
-                                 tcp=[f"127.0.0.1:{d['port']}"], time=time.time()) for i, d in enumerate((a, b))]
+                                 tcp=[f"127.0.0.1:{d['port']}"], time=float(time.time())) for i, d in enumerate((a, b))]
 
             def fetch(n: int) -> None:
                 result = fetch_state(offers[:n], streams=args.streams, timeout=120)
