@@ -7,7 +7,6 @@ import shutil
 import signal
 from pathlib import Path
 
-import msgpack
 import pytest
 import torch
 
@@ -55,7 +54,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
 
 def test_sigterm_mid_round_saves_and_resumes_exactly(tmp_path: Path, procs: list) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = ["--inner-steps", "40", "--max-epochs", "2"]
+    args = ["--inner-steps", "200", "--max-epochs", "2"]
     assert run_worker(straight, *args).returncode == 0
     resumed.mkdir()
     shutil.copy(straight / "identity.key", resumed / "identity.key")
@@ -64,7 +63,7 @@ def test_sigterm_mid_round_saves_and_resumes_exactly(tmp_path: Path, procs: list
     wait_for(lambda: any(r["epoch"] == 1 and r["step"] >= 10 for r in events(resumed, "inner_step")), timeout=120, what="round 1")
     assert stop(proc, signal.SIGTERM) == 0
     saved = events(resumed, "checkpoint_saved")[-1]
-    assert saved["epoch"] == 1 and 0 < saved["inner_step"] < 40
+    assert saved["epoch"] == 1 and 0 < saved["inner_step"] < 200
     assert run_worker(resumed, *args).returncode == 0
     assert events(resumed, "state_loaded")[-1]["inner_step"] == saved["inner_step"]
     assert final_hash(resumed) == final_hash(straight)
@@ -160,8 +159,6 @@ def test_solo_outer_step_with_unit_lr_is_plain_sgd(tmp_path: Path) -> None:
     saved = load_file(str(run_dir / "checkpoints" / f"epoch-{steps:06d}" / "global.safetensors"))
     for name, param in model.named_parameters():
         torch.testing.assert_close(saved[name], param.detach(), rtol=1e-5, atol=1e-6)
-    meta = msgpack.unpackb((run_dir / "checkpoints" / f"epoch-{steps:06d}" / "meta.msgpack").read_bytes(), raw=False)
-    assert meta  # the commit marker exists and parses
 
 
 def test_restart_after_sigkill_clears_leftovers_and_resumes(tmp_path: Path, procs: list) -> None:
