@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--max-streams", type=int, default=8)
     parser.add_argument("--part-delay", type=float, default=0.0, help="test fault: seconds before each part")
     parser.add_argument("--max-seconds", type=float, default=600.0)
+    parser.add_argument("--host", default="127.0.0.1", help="address the ours-mode server binds")
     args = parser.parse_args()
     torch.set_num_threads(1)
     groups = load_groups(args.state)
@@ -118,7 +119,7 @@ def main() -> None:
     if args.mode == "raw":
         serve_raw(snapshot.buffer, args.max_seconds)
         return
-    server = StateServer(host="127.0.0.1", max_streams=args.max_streams,
+    server = StateServer(host=args.host, max_streams=args.max_streams,
                          faults=ServerFaults(part_delay_s=args.part_delay) if args.part_delay else None)
     server.start()
     try:

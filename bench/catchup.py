@@ -147,10 +147,13 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=200, help="state size in MB")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--quick", action="store_true", help="20 MB, 2 repeats (for the test suite)")
+    parser.add_argument("--quick", action="store_true", help="20 MB, 2 repeats, no namespaces (for the test suite)")
+    parser.add_argument("--netns-mb", type=int, default=50, help="state size for the shaped-link part")
+    parser.add_argument("--rate-mbit", type=float, default=200.0, help="tbf rate of every donor's uplink")
+    parser.add_argument("--netns-donors", type=int, default=2)
     args = parser.parse_args()
     if args.quick:
-        args.mb, args.repeats = 20, 2
+        args.mb, args.repeats, args.netns_mb = 20, 2, 0
     torch.set_num_threads(1)
     state = make_state(args.mb)
     digest = param_sha256(state["global"])
@@ -184,6 +187,8 @@ def main() -> None:
         with donor("hivemind", state_file, meta) as info:
             rows.append(("hivemind load_state_from_peers", stock_hivemind(info["maddrs"], payload, args.repeats)))
 
+        shaped = shaped_links(args)
+
     rates = {name: mb / statistics.median(times) for name, times in rows}
     print(f"state: {mb:.1f} MB ({len(state['global'])} + {len(state['outer'])} fp32 tensors), "
           f"{snapshot.num_parts} parts; median of {args.repeats}; donors in separate processes, newcomer here")
@@ -196,7 +201,34 @@ def main() -> None:
         "bench": "catchup", "mb": round(mb, 1), "ratio_vs_tcp": round(ours1 / raw, 3),
         "ratio_vs_hivemind": round(ours1 / stock, 2), "mb_per_s": round(ours1, 1),
         "mb_per_s_2_donors": round(ours2, 1), "tcp_mb_per_s": round(raw, 1), "hivemind_mb_per_s": round(stock, 1),
+        "shaped": shaped,
     }))
+
+
+def shaped_links(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The same fetch across network namespaces, donor uplinks capped with tbf (needs root)."""
+    if not args.netns_mb:
+        return None
+    from bench._netns_catchup import measure
+    from tests import netns
+
+    ok, why = netns.available()
+    if not ok:
+        print(f"shaped links: skipped ({why})")
+        return None
+    state = make_state(args.netns_mb, seed=1)
+    digest = param_sha256(state["global"])
+    meta = {"epoch": 1, "param_sha256": digest, "run_id": "bench"}
+    total = StateSnapshot.build(tensors=state, meta=meta).total_bytes
+    with tempfile.TemporaryDirectory(prefix="catchup-ns-") as tmp:
+        state_file = Path(tmp) / "state.safetensors"
+        save_file({f"{g}/{n}": t for g, ts in state.items() for n, t in ts.items()}, str(state_file))
+        result = measure(mb=args.netns_mb, rate_mbit=args.rate_mbit, donors=args.netns_donors, state_file=state_file,
+                         meta={**meta, "total_bytes": total})
+    for n, r in result["by_donors"].items():
+        print(f"shaped links, {n} donor(s) at {args.rate_mbit:g} Mbit/s each: {r['mb_per_s']:.1f} MB/s of "
+              f"{r['capacity_mb_per_s']:.1f} MB/s capacity -> {100 * r['share_of_capacity']:.1f}% ({r['seconds']:.2f}s)")
+    return result
 
 
 if __name__ == "__main__":
