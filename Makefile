@@ -36,6 +36,7 @@ bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/averaging.py
 	$(PY) bench/catchup.py
+	$(PY) bench/newcomer.py
 	$(PY) bench/convergence.py --plot docs/convergence.png
 
 lint: install

@@ -50,3 +50,10 @@ def test_convergence_quick() -> None:
     assert out["bench"] == "convergence"
     assert {"diloco_loss", "ddp_loss", "gap_pct"} <= set(out)
     assert 0 < out["ddp_loss"] < 6 and 0 < out["diloco_loss"] < 6
+
+
+def test_newcomer_quick() -> None:
+    out = run_bench("newcomer.py")
+    assert out["bench"] == "newcomer"
+    assert out["first_group_size"] == 3  # the newcomer's first round was with both others
+    assert 0 < out["transfer_s"] <= out["time_to_state_s"] <= out["time_to_first_round_s"]
