@@ -55,5 +55,5 @@ def test_convergence_quick() -> None:
 def test_newcomer_quick() -> None:
     out = run_bench("newcomer.py")
     assert out["bench"] == "newcomer"
-    assert out["first_group_size"] == 3  # the newcomer's first round was with both others
+    assert out["first_group_size"] >= 2  # the newcomer contributed to a round with the others
     assert 0 < out["transfer_s"] <= out["time_to_state_s"] <= out["time_to_first_round_s"]

@@ -53,7 +53,9 @@ def test_restart_after_sigkill_comes_back_with_the_newest_state(tmp_path: Path, 
     wait_for(lambda: len(events(b, "outer_step")) >= killed_at + 3, timeout=180, what="b to catch up and average again")
     assert stop(procs[2]) == 0 and stop(procs[0]) == 0
     loaded = events(b, "state_loaded")
-    assert [r["source"] for r in loaded] == ["disk", "peer"]  # its own checkpoint first, then the newer swarm state
+    # Its own checkpoint first, then the newer swarm state (again later, if a loaded machine made it miss a round).
+    sources = [r["source"] for r in loaded]
+    assert sources[0] == "disk" and sources[1:] and set(sources[1:]) == {"peer"}
     assert loaded[1]["epoch"] > loaded[0]["epoch"] >= killed_at - 1
     a_hashes = {r["epoch"]: r["param_sha256"] for r in events(a, "outer_step")}
     after = [r for r in events(b, "outer_step") if r["epoch"] > loaded[1]["epoch"]]
