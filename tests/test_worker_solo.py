@@ -27,8 +27,9 @@ def test_trains_alone_and_writes_the_metrics_contract(tmp_path: Path) -> None:
     inner = events(run_dir, "inner_step")
     assert len(inner) == 30
     assert {"epoch", "step", "loss", "tokens", "lr", "time"} <= set(inner[0])
-    first, last = sum(r["loss"] for r in inner[:5]) / 5, sum(r["loss"] for r in inner[-5:]) / 5
-    assert last < first - 0.5, (first, last)
+    # From the untrained model's loss (about ln 259 = 5.6) to clearly lower, whatever shard this worker reads.
+    first, last = inner[0]["loss"], sum(r["loss"] for r in inner[-5:]) / 5
+    assert first > 5.0 and last < first - 0.5, (first, last)
 
     outer = events(run_dir, "outer_step")
     assert [r["epoch"] for r in outer] == [1, 2, 3, 4, 5, 6]
