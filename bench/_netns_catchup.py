@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -33,42 +34,28 @@ print(json.dumps({{"bytes": result.bytes, "seconds": result.seconds, "donors": l
 """
 
 
-def measure(*, mb: int, rate_mbit: float, donors: int, state_file: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def measure(*, mb: int, rate_mbit: float, donors: int, state_file: Path, meta: dict[str, Any],
+            spawn_donor: Callable[..., AbstractContextManager[dict[str, Any]]]) -> dict[str, Any]:
+    """`spawn_donor` is bench/catchup.py's ``donor``: one donor process per host, always stopped."""
     link = rate_mbit * 1e6 / 8  # bytes per second of one donor uplink
-    with netns.Network.create(donors + 1) as net, tempfile.TemporaryDirectory():
+    with netns.Network.create(donors + 1) as net, ExitStack() as stack:
         newcomer, donor_hosts = net.hosts[0], net.hosts[1:]
         for host in donor_hosts:
             net.shape(host, rate_mbit=rate_mbit)
-        procs, infos = [], []
-        try:
-            for host in donor_hosts:
-                proc = subprocess.Popen(
-                    host.command([sys.executable, str(ROOT / "bench" / "_catchup_donor.py"), "--mode", "ours",
-                                  "--state", str(state_file), "--meta", json.dumps(meta), "--host", host.address]),
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-                procs.append(proc)
-                assert proc.stdout is not None
-                infos.append(json.loads(proc.stdout.readline()))
-            results = {}
-            for n in sorted({1, donors}):
-                offers = [dict(peer_id=f"donor-{i}", epoch=1, param_sha256=meta["param_sha256"],
-                               manifest_sha256=infos[i]["manifest_sha256"], total_bytes=meta["total_bytes"],
-                               tcp=[f"{donor_hosts[i].address}:{infos[i]['port']}"], time=float(time.time()))
-                          for i in range(n)]
-                out = subprocess.run(newcomer.command([sys.executable, "-c", _FETCH.format(root=str(ROOT)), json.dumps(offers)]),
-                                     capture_output=True, text=True, timeout=600, cwd=ROOT)
-                if out.returncode != 0:
-                    raise RuntimeError(f"fetch in the namespace failed: {out.stderr.strip().splitlines()[-1:]}")
-                got = json.loads(out.stdout.strip().splitlines()[-1])
-                rate = got["bytes"] / got["seconds"]
-                results[n] = {"mb_per_s": round(rate / 1e6, 2), "capacity_mb_per_s": round(n * link / 1e6, 2),
-                              "share_of_capacity": round(rate / (n * link), 4), "seconds": round(got["seconds"], 2)}
-        finally:
-            for proc in procs:
-                if proc.stdin is not None:
-                    proc.stdin.close()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        infos = [stack.enter_context(spawn_donor("ours", state_file, meta, wrap=host.command, host=host.address))
+                 for host in donor_hosts]
+        results = {}
+        for n in sorted({1, donors}):
+            offers = [dict(peer_id=f"donor-{i}", epoch=1, param_sha256=meta["param_sha256"],
+                           manifest_sha256=infos[i]["manifest_sha256"], total_bytes=meta["total_bytes"],
+                           tcp=[f"{donor_hosts[i].address}:{infos[i]['port']}"], time=float(time.time()))
+                      for i in range(n)]
+            out = subprocess.run(newcomer.command([sys.executable, "-c", _FETCH.format(root=str(ROOT)), json.dumps(offers)]),
+                                 capture_output=True, text=True, timeout=600, cwd=ROOT)
+            if out.returncode != 0:
+                raise RuntimeError(f"fetch in the namespace failed: {out.stderr.strip().splitlines()[-1:]}")
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            rate = got["bytes"] / got["seconds"]
+            results[n] = {"mb_per_s": round(rate / 1e6, 2), "capacity_mb_per_s": round(n * link / 1e6, 2),
+                          "share_of_capacity": round(rate / (n * link), 4), "seconds": round(got["seconds"], 2)}
     return {"mb": mb, "rate_mbit": rate_mbit, "by_donors": results}

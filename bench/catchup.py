@@ -62,10 +62,16 @@ def make_state(total_mb: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor
 
 
 @contextmanager
-def donor(mode: str, state_file: Path, meta: dict[str, Any], *, timeout: float = 120.0) -> Iterator[dict[str, Any]]:
-    """A donor process; yields its JSON announcement and always stops it (stdin closed, then kill)."""
+def donor(mode: str, state_file: Path, meta: dict[str, Any], *, timeout: float = 120.0,
+          wrap: Callable[[list[str]], list[str]] = lambda argv: argv, host: str = "127.0.0.1") -> Iterator[dict[str, Any]]:
+    """A donor process; yields its JSON announcement and always stops it (stdin closed, then kill).
+
+    ``wrap`` turns the command into another (e.g. ``netns.Host.command`` to run it inside a namespace),
+    and ``host`` is the address the ``ours`` server binds there.
+    """
     proc = subprocess.Popen(
-        [sys.executable, str(DONOR), "--mode", mode, "--state", str(state_file), "--meta", json.dumps(meta)],
+        wrap([sys.executable, str(DONOR), "--mode", mode, "--state", str(state_file), "--meta", json.dumps(meta),
+              "--host", host]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )
     try:
@@ -224,7 +230,7 @@ def shaped_links(args: argparse.Namespace) -> dict[str, Any] | None:
         state_file = Path(tmp) / "state.safetensors"
         save_file({f"{g}/{n}": t for g, ts in state.items() for n, t in ts.items()}, str(state_file))
         result = measure(mb=args.netns_mb, rate_mbit=args.rate_mbit, donors=args.netns_donors, state_file=state_file,
-                         meta={**meta, "total_bytes": total})
+                         meta={**meta, "total_bytes": total}, spawn_donor=donor)
     for n, r in result["by_donors"].items():
         print(f"shaped links, {n} donor(s) at {args.rate_mbit:g} Mbit/s each: {r['mb_per_s']:.1f} MB/s of "
               f"{r['capacity_mb_per_s']:.1f} MB/s capacity -> {100 * r['share_of_capacity']:.1f}% ({r['seconds']:.2f}s)")
