@@ -456,7 +456,8 @@ class Worker:
             "round_tokens": self.round_tokens,
             "data": self.data.state(),
             "inner_optimizer": inner_meta,
-            "param_sha256": self.param_hash(),
+            # theta_g only changes at an outer step (or a fetch), which refreshes this hash: no second pass here.
+            "param_sha256": self.progress.param_sha256,
         }
         return TrainingState(epoch=self.epoch, tensors=tensors, meta=meta)
 
