@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import hivemind
 import torch
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.utils import get_dht_time, get_logger
 
 from averaging.backend import RoundBackend
@@ -31,6 +33,13 @@ from averaging.compression import all_finite, get_codec
 from averaging.round import RoundTicket, round_key_prefix, schema_digest
 
 logger = get_logger(__name__)
+
+# How often ``average`` asks its ``give_up`` callback while waiting for a group (seconds).
+_POLL_S = 0.5
+
+
+class RoundAbandoned(Exception):
+    """The caller's ``give_up`` said the round is no longer worth waiting for."""
 
 
 @dataclass
@@ -189,7 +198,15 @@ class SwarmAverager:
         self.shutdown()
 
     def average(
-        self, tensors: Sequence[torch.Tensor], *, weight: float, epoch: int, deadline: float
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        weight: float,
+        epoch: int,
+        deadline: float,
+        state: str = "",
+        expected_peers: int | None = None,
+        give_up: Callable[[], bool] | None = None,
     ) -> RoundResult:
         """Average ``tensors`` in place with the peers of this run at ``epoch``.
 
@@ -198,6 +215,15 @@ class SwarmAverager:
         :param weight: this peer's weight (tokens processed this round), finite and >= 0
         :param epoch: the round; only peers at the same epoch average together
         :param deadline: unix (DHT) time by which the round must be over
+        :param state: what this round starts from (e.g. a digest of theta_g); only peers
+          with the same state average together
+        :param expected_peers: how many peers (this one included) the caller knows are
+          ready: a group starts as soon as that many joined instead of waiting the whole
+          ``matchmaking_time`` (capped by the constructor's ``target_group_size``)
+        :param give_up: polled about every ``_POLL_S`` seconds while no all-reduce is running
+          (looking for a first group, or for another after a failed attempt); True abandons
+          the round. For a caller that learns the round was settled without it (its
+          groupmates finished and moved on) and would only retry until the deadline
         :returns: what happened; ``group_size == 1`` means the tensors were not changed
         """
         backend, input_flat, output_flat = self._backend, self._input, self._output
@@ -226,9 +252,12 @@ class SwarmAverager:
         finally:
             backend.lock_averaged_tensors.release()
 
+        if expected_peers is not None and (not isinstance(expected_peers, int) or expected_peers < 1):
+            raise ValueError(f"expected_peers must be a positive int or None, got {expected_peers!r}")
         ticket = RoundTicket(
             run_id=self.run_id,
             epoch=epoch,
+            state=state,
             weight=float(weight),
             codec=self.codec.wire_name,
             schema=self._schema,
@@ -236,13 +265,16 @@ class SwarmAverager:
         )
         try:
             step = backend.begin_round(
-                ticket=ticket, key_prefix=round_key_prefix(self.run_id, epoch), deadline=deadline
+                ticket=ticket,
+                key_prefix=round_key_prefix(self.run_id, epoch, state),
+                deadline=deadline,
+                target_group_size=self._round_target(expected_peers),
             )
         except Exception as e:
             logger.warning(f"could not start an averaging round: {e!r}")
             return alone(f"could not start: {e!r}")
         try:
-            stats = step.result(timeout=max(0.0, deadline - get_dht_time()) + self._request_timeout + 1.0)
+            stats = self._wait(step, deadline=deadline, give_up=give_up)
         except BaseException as e:
             if not step.done():
                 step.cancel()
@@ -264,6 +296,29 @@ class SwarmAverager:
             peer_ids=list(stats["peer_ids"]),
             failures=list(stats["failures"]),
         )
+
+    def _wait(self, step: StepControl, *, deadline: float, give_up: Callable[[], bool] | None) -> dict[str, Any]:
+        """The round's statistics; raises what the round raised, or TimeoutError / RoundAbandoned."""
+        latest = deadline + self._request_timeout + 1.0
+        while True:
+            left = latest - get_dht_time()
+            if left <= 0:
+                raise TimeoutError(f"no result {self._request_timeout + 1.0:.1f}s after the deadline")
+            try:
+                return step.result(timeout=min(_POLL_S, left) if give_up is not None else left)
+            except TimeoutError:
+                if step.done():
+                    raise
+            # Only between attempts: an all-reduce in flight may still succeed for everyone.
+            if give_up is not None and step.stage != AveragingStage.RUNNING_ALLREDUCE and give_up():
+                raise RoundAbandoned("the caller gave up on the round")
+
+    def _round_target(self, expected_peers: int | None) -> int | None:
+        """The group size at which this round's leader starts at once (None: after matchmaking_time)."""
+        cap = self._backend_kwargs["target_group_size"]
+        if expected_peers is None or expected_peers < self._backend_kwargs["min_group_size"]:
+            return cap
+        return expected_peers if cap is None else min(cap, expected_peers)
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [part.view(shape) for part, shape in zip(flat.split(self._numels), self.shapes, strict=True)]

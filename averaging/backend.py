@@ -145,7 +145,9 @@ class RoundBackend(DecentralizedAverager):
         if await_ready:
             self.wait_until_ready(timeout)
 
-    def begin_round(self, *, ticket: RoundTicket, key_prefix: str, deadline: float) -> StepControl:
+    def begin_round(
+        self, *, ticket: RoundTicket, key_prefix: str, deadline: float, target_group_size: int | None
+    ) -> StepControl:
         """Ask the process to run one round; returns a future of the round's statistics (a dict)."""
         scheduled_time = min(get_dht_time() + self.matchmaking_kwargs["min_matchmaking_time"], deadline)
         step = StepControl(
@@ -160,7 +162,13 @@ class RoundBackend(DecentralizedAverager):
             (
                 "_run_round",
                 [],
-                dict(step=step, future_for_init=future_for_init, ticket=ticket, key_prefix=key_prefix),
+                dict(
+                    step=step,
+                    future_for_init=future_for_init,
+                    ticket=ticket,
+                    key_prefix=key_prefix,
+                    target_group_size=target_group_size,
+                ),
             )
         )
         step.attach(*future_for_init.result(timeout=max(5.0, self.matchmaking_kwargs["request_timeout"])))
@@ -176,6 +184,7 @@ class RoundBackend(DecentralizedAverager):
         future_for_init: MPFuture[tuple[MPFuture[None], MPFuture[None]]],
         ticket: RoundTicket,
         key_prefix: str,
+        target_group_size: int | None,
     ) -> None:
         trigger: MPFuture[None] = MPFuture()
         cancel: MPFuture[None] = MPFuture()
@@ -190,6 +199,8 @@ class RoundBackend(DecentralizedAverager):
             async with self._round_lock:  # one round at a time: they share the buffers
                 # The epoch is part of the key: peers at other epochs look elsewhere and are refused.
                 self._matchmaking.group_key_manager.prefix = key_prefix
+                # hivemind reads this on every join: a leader with this many members starts at once.
+                self._matchmaking.target_group_size = target_group_size
                 while not step.done():
                     if get_dht_time() >= step.deadline:
                         raise AllreduceException(f"deadline passed after {attempts} failed attempts")

@@ -1,19 +1,25 @@
 """Round agreement: who may average with whom.
 
 Two peers average together only if they run the same run id, are at the same epoch,
-use the same codec and hold tensors of the same shapes. This is enforced twice:
+start the round from the same state (the caller's tag, e.g. a digest of theta_g), use
+the same codec and hold tensors of the same shapes. This is enforced twice:
 
 1. Matchmaking key. hivemind looks for groups under the DHT key
-   ``<key prefix>.0b<bits>``; we put the run id and the epoch in that prefix
-   (``round_key_prefix``). Peers at epoch 7 and at epoch 9 declare themselves under
-   different keys, so they never see each other, and a leader refuses a join request
-   whose key differs from its own (hivemind's ``BAD_GROUP_KEY``). The tensor schema
-   and codec go into hivemind's ``schema_hash``, which leaders also compare.
+   ``<key prefix>.0b<bits>``; we put the run id, the epoch and the state tag in that
+   prefix (``round_key_prefix``). Peers at epoch 7 and at epoch 9, or at epoch 7 with
+   two different theta_g, declare themselves under different keys, so they never see
+   each other, and a leader refuses a join request whose key differs from its own
+   (hivemind's ``BAD_GROUP_KEY``). The tensor schema and codec go into hivemind's
+   ``schema_hash``, which leaders also compare.
 2. Gathered tickets. Each peer sends a ``RoundTicket`` (msgpack, never pickle) through
    matchmaking; the leader hands all of them to every member. Before any tensor
-   moves, each member checks that every ticket names the same run, epoch, codec and
-   schema (``check_group``). All members see the same tickets, so they all take the
+   moves, each member checks that every ticket names the same run, epoch, state, codec
+   and schema (``check_group``). All members see the same tickets, so they all take the
    same decision: a mixed group is refused by everyone.
+
+Why the state matters: averaged pseudo-gradients applied to two different theta_g give
+two different results, so a group that mixed them would leave its members disagreeing
+while each believed it had averaged.
 
 The ticket also carries the peer's averaging weight (tokens processed) and whether the
 peer accepts incoming connections (reducers must).
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-TICKET_VERSION = 1
+TICKET_VERSION = 2
 _MAX_TICKET_BYTES = 4096
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -50,9 +56,10 @@ def handler_namespace(run_id: str) -> str:
     return f"{_safe_run_tag(run_id)}_avg"
 
 
-def round_key_prefix(run_id: str, epoch: int) -> str:
-    """Matchmaking key prefix for one epoch of one run (hivemind appends ``.0b<bits>``)."""
-    return f"{_safe_run_tag(run_id)}_avg_e{int(epoch)}"
+def round_key_prefix(run_id: str, epoch: int, state: str = "") -> str:
+    """Matchmaking key prefix for one epoch of one run, from one state (hivemind appends ``.0b<bits>``)."""
+    tag = f"_s{_UNSAFE.sub('_', state)[:16]}" if state else ""
+    return f"{_safe_run_tag(run_id)}_avg_e{int(epoch)}{tag}"
 
 
 def schema_digest(shapes: Sequence[Sequence[int]], codec_wire_name: str) -> bytes:
@@ -67,6 +74,7 @@ class RoundTicket:
 
     run_id: str
     epoch: int
+    state: str  # what the round starts from (e.g. a digest of theta_g); "" when the caller does not say
     weight: float
     codec: str
     schema: bytes
@@ -78,6 +86,7 @@ class RoundTicket:
                 TICKET_VERSION,
                 self.run_id,
                 self.epoch,
+                self.state,
                 self.weight,
                 self.codec,
                 self.schema,
@@ -95,15 +104,16 @@ class RoundTicket:
             fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except Exception as e:
             raise RoundMismatch(f"undecodable ticket: {e!r}") from None
-        if not isinstance(fields, list) or len(fields) != 7 or fields[0] != TICKET_VERSION:
+        if not isinstance(fields, list) or len(fields) != 8 or fields[0] != TICKET_VERSION:
             raise RoundMismatch("unknown ticket format")
-        _, run_id, epoch, weight, codec, schema, accepts = fields
+        _, run_id, epoch, state, weight, codec, schema, accepts = fields
         if isinstance(weight, int) and not isinstance(weight, bool):
             weight = float(weight)
         if not (
             isinstance(run_id, str)
             and isinstance(epoch, int)
             and not isinstance(epoch, bool)
+            and isinstance(state, str)
             and isinstance(weight, float)
             and math.isfinite(weight)
             and weight >= 0
@@ -112,18 +122,19 @@ class RoundTicket:
             and isinstance(accepts, bool)
         ):
             raise RoundMismatch("ticket fields have wrong types or values")
-        return cls(run_id, epoch, weight, codec, schema, accepts)
+        return cls(run_id, epoch, state, weight, codec, schema, accepts)
 
 
 def check_group(tickets: Sequence[RoundTicket], mine: RoundTicket) -> None:
-    """Raise ``RoundMismatch`` unless every member is in our run, epoch, codec and schema."""
+    """Raise ``RoundMismatch`` unless every member is in our run, epoch, state, codec and schema."""
     for index, ticket in enumerate(tickets):
-        theirs = (ticket.run_id, ticket.epoch, ticket.codec, ticket.schema)
-        ours = (mine.run_id, mine.epoch, mine.codec, mine.schema)
+        theirs = (ticket.run_id, ticket.epoch, ticket.state, ticket.codec, ticket.schema)
+        ours = (mine.run_id, mine.epoch, mine.state, mine.codec, mine.schema)
         if theirs != ours:
             raise RoundMismatch(
-                f"member {index} is at run={ticket.run_id!r} epoch={ticket.epoch} codec={ticket.codec}, "
-                f"we are at run={mine.run_id!r} epoch={mine.epoch} codec={mine.codec} (or schemas differ)"
+                f"member {index} is at run={ticket.run_id!r} epoch={ticket.epoch} state={ticket.state[:12]!r} "
+                f"codec={ticket.codec}, we are at run={mine.run_id!r} epoch={mine.epoch} state={mine.state[:12]!r} "
+                f"codec={mine.codec} (or schemas differ)"
             )
     if not any(ticket.accepts_connections for ticket in tickets):
         raise RoundMismatch("no member of the group accepts connections, nobody can reduce")

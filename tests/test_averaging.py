@@ -190,14 +190,15 @@ def test_partition_covers_every_value_once() -> None:
 
 
 def test_round_tickets_roundtrip_and_mismatches_are_refused() -> None:
-    mine = RoundTicket("run", 7, 3.0, "swarm/f32", b"s", True)
+    mine = RoundTicket("run", 7, "ab12", 3.0, "swarm/f32", b"s", True)
     assert RoundTicket.from_bytes(mine.to_bytes()) == mine
-    check_group([mine, RoundTicket("run", 7, 1.0, "swarm/f32", b"s", False)], mine)
+    check_group([mine, RoundTicket("run", 7, "ab12", 1.0, "swarm/f32", b"s", False)], mine)
     for other in [
-        RoundTicket("run", 9, 1.0, "swarm/f32", b"s", True),  # other epoch
-        RoundTicket("other", 7, 1.0, "swarm/f32", b"s", True),  # other run
-        RoundTicket("run", 7, 1.0, "swarm/f16", b"s", True),  # other codec
-        RoundTicket("run", 7, 1.0, "swarm/f32", b"t", True),  # other shapes
+        RoundTicket("run", 9, "ab12", 1.0, "swarm/f32", b"s", True),  # other epoch
+        RoundTicket("run", 7, "cd34", 1.0, "swarm/f32", b"s", True),  # other theta_g
+        RoundTicket("other", 7, "ab12", 1.0, "swarm/f32", b"s", True),  # other run
+        RoundTicket("run", 7, "ab12", 1.0, "swarm/f16", b"s", True),  # other codec
+        RoundTicket("run", 7, "ab12", 1.0, "swarm/f32", b"t", True),  # other shapes
     ]:
         with pytest.raises(RoundMismatch):
             check_group([mine, other], mine)
@@ -205,6 +206,7 @@ def test_round_tickets_roundtrip_and_mismatches_are_refused() -> None:
         with pytest.raises(RoundMismatch):
             RoundTicket.from_bytes(garbage)
     assert round_key_prefix("run", 7) != round_key_prefix("run", 9)
+    assert round_key_prefix("run", 7, "ab12") != round_key_prefix("run", 7, "cd34")
     assert "." not in round_key_prefix("a.b/c d", 1)
 
 
@@ -254,17 +256,25 @@ def test_unequal_weights_give_the_weighted_mean(dhts: list[hivemind.DHT]) -> Non
     assert torch.equal(tensors[1][0], tensors[0][0])
 
 
-def test_peers_at_different_epochs_do_not_average(dhts: list[hivemind.DHT]) -> None:
+@pytest.mark.parametrize(
+    ("epochs", "states"),
+    [([7, 7, 9], ["a", "a", "a"]), ([7, 7, 7], ["a", "a", "b"])],
+    ids=["other-epoch", "other-theta_g"],
+)
+def test_peers_at_other_epochs_or_states_do_not_average(
+    dhts: list[hivemind.DHT], epochs: list[int], states: list[str]
+) -> None:
     shapes = [(5000,)]
     inputs = [[torch.full((5000,), float(i))] for i in range(3)]
     tensors = [[t.clone() for t in peer] for peer in inputs]
-    epochs = [7, 7, 9]
-    # target 3: the two peers at epoch 7 would take the third one at once if they could see it.
+    # target 3: the two peers of one round would take the third one at once if they could see it.
     with averagers(dhts, shapes=shapes, target_group_size=3) as peers:
         deadline = get_dht_time() + 6
         results = run_concurrently(
             [
-                lambda i=i: peers[i].average(tensors[i], weight=1.0, epoch=epochs[i], deadline=deadline)
+                lambda i=i: peers[i].average(
+                    tensors[i], weight=1.0, epoch=epochs[i], state=states[i], deadline=deadline
+                )
                 for i in range(3)
             ],
             timeout=20,
@@ -273,6 +283,24 @@ def test_peers_at_different_epochs_do_not_average(dhts: list[hivemind.DHT]) -> N
     assert torch.equal(tensors[0][0], torch.full((5000,), 0.5)) and torch.equal(tensors[1][0], tensors[0][0])
     assert torch.equal(tensors[2][0], inputs[2][0])  # alone: untouched
     assert peers[2].peer_id not in results[0].peer_ids
+
+
+def test_a_round_starts_once_the_expected_peers_joined(dhts: list[hivemind.DHT]) -> None:
+    # No target size in the constructor and a long matchmaking time: only expected_peers can start it early.
+    slow = {**FAST, "matchmaking_time": 15.0}
+    tensors = [[torch.full((1000,), float(i))] for i in range(2)]
+    with averagers(dhts[:2], shapes=[(1000,)], **slow) as peers:
+        deadline = get_dht_time() + 40
+        results = run_concurrently(
+            [
+                lambda i=i: peers[i].average(tensors[i], weight=1.0, epoch=0, deadline=deadline, expected_peers=2)
+                for i in range(2)
+            ],
+            timeout=50,
+        )
+    assert [r.group_size for r in results] == [2, 2], [r.failures for r in results]
+    # Waiting out matchmaking_time would take 15 s; the group formed as soon as both were there.
+    assert max(r.matchmaking_s for r in results) < slow["matchmaking_time"] / 2, [r.matchmaking_s for r in results]
 
 
 def test_lone_peer_returns_untouched_by_the_deadline(dhts: list[hivemind.DHT]) -> None:

@@ -19,22 +19,35 @@ def outer_epochs(run_dir: Path) -> list[int]:
 @pytest.mark.slow
 def test_late_joiner_fetches_the_state_and_agrees_at_its_first_round(tmp_path: Path, procs: list) -> None:
     a, b, late = tmp_path / "a", tmp_path / "b", tmp_path / "late"
-    common = [*SWARM, "--max-epochs", "7"]
+    common = [*SWARM, "--max-epochs", "0"]
     procs.append(start_worker(a, *common, "--min-peers", "2"))
     entry = join_args(a)
     procs.append(start_worker(b, *common, "--min-peers", "2", *entry))
     wait_for(lambda: max(outer_epochs(a), default=0) >= 2, timeout=180, what="the swarm to reach epoch 2")
     procs.append(start_worker(late, *common, *join_args(b)))  # joins through b: any peer is an entry point
+    wait_for(lambda: len(outer_epochs(late)) >= 3, timeout=180, what="the newcomer's first rounds")
     for proc in procs:
-        assert proc.wait(timeout=300) == 0
-    [loaded] = events(late, "state_loaded")
-    assert loaded["source"] == "peer" and loaded["epoch"] >= 2 and loaded["bytes"] > 0 and loaded["peer_id"]
+        assert stop(proc) == 0
+    loaded = events(late, "state_loaded")
+    assert loaded and {r["source"] for r in loaded} == {"peer"}
     first = events(late, "outer_step")[0]
-    assert first["epoch"] == loaded["epoch"] + 1  # it contributed to the very next round...
+    # If the swarm finished the fetched epoch during the download, the newcomer fetched the newer state
+    # again instead of publishing a theta_g of its own (see first_round_after_last_fetch).
+    last = first_round_after_last_fetch(late)
+    assert loaded[0]["epoch"] >= 2 and last["bytes"] > 0 and last["peer_id"]  # never from scratch
+    assert first["epoch"] == last["epoch"] + 1  # it contributed to the very next round...
     assert first["group_size"] == 3  # ...together with both others...
-    same_epoch = {r["epoch"]: r["param_sha256"] for r in events(a, "outer_step")}
-    assert first["param_sha256"] == same_epoch[first["epoch"]]  # ...and ended it with the same theta_g
+    a_hashes = {r["epoch"]: r["param_sha256"] for r in events(a, "outer_step")}
+    assert first["param_sha256"] == a_hashes[first["epoch"]]  # ...and ended it with the same theta_g
+    assert all(r["param_sha256"] == a_hashes[r["epoch"]] for r in events(late, "outer_step") if r["epoch"] in a_hashes)
     assert not events(late, "desync")
+
+
+def first_round_after_last_fetch(run_dir: Path) -> dict:
+    """The last `state_loaded` from a peer before the worker's first outer step since its first peer fetch."""
+    fetches = [r for r in events(run_dir, "state_loaded") if r["source"] == "peer"]
+    rounds = [r for r in events(run_dir, "outer_step") if r["time"] > fetches[0]["time"]]
+    return [r for r in fetches if r["time"] < rounds[0]["time"]][-1]
 
 
 @pytest.mark.slow
@@ -53,14 +66,17 @@ def test_restart_after_sigkill_comes_back_with_the_newest_state(tmp_path: Path, 
     wait_for(lambda: len(events(b, "outer_step")) >= killed_at + 3, timeout=180, what="b to catch up and average again")
     assert stop(procs[2]) == 0 and stop(procs[0]) == 0
     loaded = events(b, "state_loaded")
-    # Its own checkpoint first, then the newer swarm state (again later, if a loaded machine made it miss a round).
+    # Its own checkpoint first, then the newer swarm state (again, if the swarm moved on during the download).
     sources = [r["source"] for r in loaded]
     assert sources[0] == "disk" and sources[1:] and set(sources[1:]) == {"peer"}
     assert loaded[1]["epoch"] > loaded[0]["epoch"] >= killed_at - 1
+    # From its first fetch on, b never publishes a theta_g the swarm does not hold...
     a_hashes = {r["epoch"]: r["param_sha256"] for r in events(a, "outer_step")}
-    after = [r for r in events(b, "outer_step") if r["epoch"] > loaded[1]["epoch"]]
+    after = [r for r in events(b, "outer_step") if r["time"] > loaded[1]["time"]]
     assert after and all(r["param_sha256"] == a_hashes[r["epoch"]] for r in after if r["epoch"] in a_hashes)
-    assert after[0]["group_size"] == 2 and after[0]["epoch"] == loaded[1]["epoch"] + 1
+    # ...and averages with a in the round right after the state it loaded.
+    last = first_round_after_last_fetch(b)
+    assert after[0]["group_size"] == 2 and after[0]["epoch"] == last["epoch"] + 1
 
 
 @pytest.mark.slow

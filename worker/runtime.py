@@ -312,13 +312,16 @@ class Worker:
         self.progress.inner_step = self.inner_step
         self.swarm.publish(self.progress, force=True)
         group_size, allreduce_s, sent, received, expected = 1, 0.0, 0, 0, 1
+        failures: list[str] = []
         if self.progress.in_sync:
             # Wait (bounded) for the peers of this round that are still in their inner phase; half of the
             # outer step's time at most, so that matchmaking and the all-reduce keep the other half.
             budget = cfg.swarm.averaging_timeout / 2
-            expected = self.swarm.wait_for_round(epoch=self.epoch, inner_steps=cfg.train.inner_steps,
-                                                 until=time.monotonic() + max(0.0, budget),
-                                                 stop=lambda: self.stop_requested)
+            members = self.swarm.wait_for_round(epoch=self.epoch, param_sha256=self.progress.param_sha256,
+                                                inner_steps=cfg.train.inner_steps,
+                                                until=time.monotonic() + max(0.0, budget),
+                                                stop=lambda: self.stop_requested)
+            expected = members.ready
             if self.stop_requested:
                 # Leave the round unfinished rather than apply a lone update the swarm does not share:
                 # the checkpoint keeps the local model at step H and a restart redoes this outer step.
@@ -327,9 +330,21 @@ class Worker:
                 result = self.averager.average(
                     self.outer.delta, weight=float(self.round_tokens), epoch=self.epoch,
                     deadline=time.time() + max(1.0, deadline_mono - time.monotonic()),
+                    # Only peers starting from the same theta_g may average: mixing two would split the swarm.
+                    state=self.progress.param_sha256[:16],
+                    # Start as soon as all are there, but only when nobody else could still join: a peer the
+                    # board shows elsewhere (joining, repairing, a record not yet updated) gets the whole
+                    # matchmaking window, or a group that started without it would leave it alone.
+                    expected_peers=expected if members.everyone else None,
+                    # Someone already at the next epoch: the round was settled without this worker (its own
+                    # attempt failed where the others' succeeded); retrying until the deadline is pointless.
+                    give_up=lambda: self.swarm.newest_epoch() > self.epoch,
                 )
                 group_size, allreduce_s = result.group_size, result.allreduce_s
                 sent, received = result.bytes_sent, result.bytes_received
+                failures = result.failures
+            if group_size == 1 and self._overtaken(until=deadline_mono):
+                return
         # Alone (or the group failed): this worker's own pseudo-gradient is the average (DiLoCo with M=1).
         self.outer.step()
         self.outer.copy_to(self.trainer.params)
@@ -349,7 +364,27 @@ class Worker:
             "outer_step", epoch=self.epoch, group_size=group_size, param_sha256=self.progress.param_sha256,
             blocked_s=time.perf_counter() - began, allreduce_s=allreduce_s, bytes_sent=sent,
             bytes_received=received, tokens=tokens, expected_peers=expected, in_sync=self.progress.in_sync,
+            failures=failures[-3:],
         )
+
+    def _overtaken(self, *, until: float) -> bool:
+        """A worker alone at its outer step while the swarm is already further along (its fetched state was
+        overtaken during the download, or it missed the group) takes the swarm's state rather than publish a
+        theta_g of its own for an epoch the swarm has settled otherwise. True when it did."""
+        trained, swarm_epoch = self.epoch, self.swarm.newest_epoch()
+        if swarm_epoch <= trained:
+            return False
+        while not self.stop_requested:
+            if self._catch_up():
+                notice(f"[yellow]the swarm reached epoch {swarm_epoch} while this worker trained epoch {trained}: "
+                       "took its state instead of a lone update[/]")
+                self.metrics.emit("round_dropped", epoch=trained, reason="overtaken by the swarm",
+                                  swarm_epoch=swarm_epoch)
+                return True
+            if time.monotonic() >= until:
+                break
+            time.sleep(0.5)  # the newest state is offered a moment after its round ends
+        return False
 
     # -- state from and for the swarm --------------------------------------------------------
 

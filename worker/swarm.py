@@ -33,6 +33,14 @@ class LocalProgress:
     in_sync: bool = True
 
 
+@dataclass(frozen=True)
+class RoundMembers:
+    """Who is ready to average at this worker's outer step, as far as the progress board tells."""
+
+    ready: int  # peers of this round that finished their inner phase, this one included
+    everyone: bool  # every live peer of the run is among them: no one else could still join the round
+
+
 class SwarmView:
     """Reads and writes this run's progress board on behalf of one worker."""
 
@@ -85,22 +93,32 @@ class SwarmView:
         steps = sorted(r.inner_step for r in self.others() if r.epoch == epoch and r.in_sync)
         return steps[len(steps) // 2] if steps else 0
 
-    def wait_for_round(self, *, epoch: int, inner_steps: int, until: float, stop: Callable[[], bool] = lambda: False) -> int:
-        """Wait (until the monotonic time `until`) for the live in-sync peers at `epoch` to finish their inner phase.
+    def _fresh_in_sync(self) -> list[ProgressRecord]:
+        # A peer that stopped refreshing its record (crashed mid-round) is neither waited for nor followed.
+        fresh_after = get_dht_time() - 2.5 * PUBLISH_EVERY
+        return [r for r in self.others() if r.in_sync and r.time > fresh_after]
 
-        Returns how many peers (this one included) are ready for the round. Peers
-        ahead or behind, or out of sync, are not waited for: they will not be in
-        this round's group anyway.
+    def wait_for_round(
+        self, *, epoch: int, param_sha256: str, inner_steps: int, until: float, stop: Callable[[], bool] = lambda: False,
+    ) -> RoundMembers:
+        """Wait (until the monotonic time `until`) for the live in-sync peers of this round to finish their inner phase.
+
+        The round's members are the peers at `epoch` holding the same theta_g
+        (`param_sha256`): only they can average with this one. Peers ahead or
+        behind, out of sync or on another theta_g are not waited for.
         """
         while True:
-            # A peer that stopped refreshing its record (crashed mid-round) is not waited for.
-            fresh_after = get_dht_time() - 2.5 * PUBLISH_EVERY
-            members = [r for r in self.others() if r.epoch == epoch and r.in_sync and r.time > fresh_after]
+            live = self._fresh_in_sync()
+            members = [r for r in live if r.epoch == epoch and r.param_sha256 == param_sha256]
             ready = [r for r in members if r.inner_step >= inner_steps]
             if len(ready) == len(members) or time.monotonic() >= until or stop():
-                return len(ready) + 1
+                return RoundMembers(ready=len(ready) + 1, everyone=len(ready) == len(self.others()))
             self._keep_alive()
             time.sleep(0.2)
+
+    def newest_epoch(self) -> int:
+        """The newest epoch a live in-sync peer is at (-1 when there is none)."""
+        return max((r.epoch for r in self._fresh_in_sync()), default=-1)
 
     def wait_for_peers(self, *, count: int, until: float, stop: Callable[[], bool] = lambda: False) -> int:
         """Wait (until the monotonic time `until`, or `stop()`) for `count` live peers of the run, this one included."""
