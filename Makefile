@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 		|| $(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" --index-url "$(TORCH_CPU_INDEX)"; \
 	fi
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# The Compose specification's JSON schema, for tests/test_docker.py: the docker-compose v1 wheel
+	# ships it; its dependencies conflict with ours and are not needed to read a JSON file.
+	$(PY) -m pip install --quiet --no-deps "docker-compose==1.29.2"
 	touch $@
 
 run: install
