@@ -326,16 +326,21 @@ class Worker:
                 # Leave the round unfinished rather than apply a lone update the swarm does not share:
                 # the checkpoint keeps the local model at step H and a restart redoes this outer step.
                 return
-            if expected > 1:
+            # The board is a hint (a DHT read can miss a record that was just rewritten); matchmaking decides.
+            # So look for a group also when last round's groupmates do not show up as ready here.
+            if expected > 1 or self.peers_seen > 1:
+                left = max(1.0, deadline_mono - time.monotonic())
+                if expected == 1:
+                    # Only a hint: a few matchmaking windows, not the whole outer step, if nobody comes.
+                    left = min(left, 2 * cfg.swarm.matchmaking_time + cfg.swarm.request_timeout)
                 result = self.averager.average(
-                    self.outer.delta, weight=float(self.round_tokens), epoch=self.epoch,
-                    deadline=time.time() + max(1.0, deadline_mono - time.monotonic()),
+                    self.outer.delta, weight=float(self.round_tokens), epoch=self.epoch, deadline=time.time() + left,
                     # Only peers starting from the same theta_g may average: mixing two would split the swarm.
                     state=self.progress.param_sha256[:16],
                     # Start as soon as all are there, but only when nobody else could still join: a peer the
                     # board shows elsewhere (joining, repairing, a record not yet updated) gets the whole
                     # matchmaking window, or a group that started without it would leave it alone.
-                    expected_peers=expected if members.everyone else None,
+                    expected_peers=expected if members.everyone and expected > 1 else None,
                     # Someone already at the next epoch: the round was settled without this worker (its own
                     # attempt failed where the others' succeeded); retrying until the deadline is pointless.
                     give_up=lambda: self.swarm.newest_epoch() > self.epoch,
@@ -343,7 +348,7 @@ class Worker:
                 group_size, allreduce_s = result.group_size, result.allreduce_s
                 sent, received = result.bytes_sent, result.bytes_received
                 failures = result.failures
-            if group_size == 1 and self._overtaken(until=deadline_mono):
+            if group_size == 1 and self._overtaken(until=deadline_mono, failures=failures):
                 return
         # Alone (or the group failed): this worker's own pseudo-gradient is the average (DiLoCo with M=1).
         self.outer.step()
@@ -367,7 +372,7 @@ class Worker:
             failures=failures[-3:],
         )
 
-    def _overtaken(self, *, until: float) -> bool:
+    def _overtaken(self, *, until: float, failures: list[str]) -> bool:
         """A worker alone at its outer step while the swarm is already further along (its fetched state was
         overtaken during the download, or it missed the group) takes the swarm's state rather than publish a
         theta_g of its own for an epoch the swarm has settled otherwise. True when it did."""
@@ -379,7 +384,7 @@ class Worker:
                 notice(f"[yellow]the swarm reached epoch {swarm_epoch} while this worker trained epoch {trained}: "
                        "took its state instead of a lone update[/]")
                 self.metrics.emit("round_dropped", epoch=trained, reason="overtaken by the swarm",
-                                  swarm_epoch=swarm_epoch)
+                                  swarm_epoch=swarm_epoch, failures=failures[-3:])
                 return True
             if time.monotonic() >= until:
                 break
@@ -440,6 +445,7 @@ class Worker:
         self.trainer.step_count += self.inner_step
         self.progress.epoch, self.progress.inner_step = self.epoch, self.inner_step
         self.progress.param_sha256, self.progress.in_sync = result.param_sha256, True
+        self.peers_seen = max(self.peers_seen, len(result.donors) + 1)  # it joins them: look for a group next round
         self.swarm.publish(self.progress, force=True)
         for peer, reason in result.bad_donors:
             notice(f"[bold red]donor {peer} served state that does not match its offer ({reason}); ignored[/]")

@@ -1,0 +1,198 @@
+"""Compute utilization: the share of wall time the inner loop is not blocked by the outer step.
+
+Starts N real `worker start` processes, each in its own network namespace whose uplink
+is shaped with tbf (100 Mbit/s by default), training a model large enough that the
+all-reduce of its pseudo-gradients takes seconds on that link. From each worker's
+metrics.jsonl, over the rounds after the first (which includes start-up and waiting for
+peers):
+
+    utilization = 1 - sum(outer_step.blocked_s) / wall time of those rounds
+
+`blocked_s` is everything the training loop waited for at an outer step: slower peers
+finishing their inner phase, matchmaking, the all-reduce, the outer update and hashing.
+The all-reduce itself is also compared with its floor 2(N-1)/N * S / BW (S: the bytes a
+worker sends). Anchors: INTELLECT-1 reports 83-96%, Streaming DiLoCo 95% (it overlaps
+communication with compute; this worker blocks at the outer step, so utilization is set
+by how long the inner phase is against the all-reduce).
+
+Without root (no namespaces) the workers run on loopback, unshaped, and the output says so.
+
+    python bench/utilization.py [--quick] [--workers 4] [--rate-mbit 100] [--inner-steps 30] [--plot docs/utilization.png]
+
+Ends with one JSON line: {"bench": "utilization", "utilization": ..., ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests import netns  # noqa: E402
+from worker.metrics import read_metrics  # noqa: E402
+from worker.model import model_config  # noqa: E402
+
+
+def custom_model(directory: Path, hidden: int, layers: int) -> str:
+    """A Llama config of the given width and depth (byte vocabulary), saved where `--model` can read it."""
+    config = model_config("tiny")
+    config.hidden_size, config.num_hidden_layers = hidden, layers
+    config.intermediate_size, config.num_attention_heads, config.num_key_value_heads = 4 * hidden, 8, 4
+    config.save_pretrained(directory)
+    return str(directory)
+
+
+def wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201 (a tiny local helper)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def worker_utilization(run_dir: Path) -> dict[str, Any]:
+    """Utilization of one worker over its rounds after the first."""
+    rounds = read_metrics(run_dir / "metrics.jsonl", "outer_step")
+    if len(rounds) < 2:
+        raise RuntimeError(f"{run_dir.name} finished {len(rounds)} round(s); need at least 2")
+    measured = rounds[1:]
+    wall = measured[-1]["time"] - rounds[0]["time"]
+    blocked = sum(r["blocked_s"] for r in measured)
+    return {
+        "worker": run_dir.name,
+        "utilization": 1 - blocked / wall,
+        "rounds": len(measured),
+        "wall_s": wall,
+        "blocked_s": blocked / len(measured),
+        "allreduce_s": statistics.median(r["allreduce_s"] for r in measured),
+        "bytes_sent": statistics.median(r["bytes_sent"] for r in measured),
+        "group_sizes": [r["group_size"] for r in measured],
+    }
+
+
+def plot(run_dirs: list[Path], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(run_dirs) + 1.5))
+    t0 = min(read_metrics(d / "metrics.jsonl", "outer_step")[0]["time"] for d in run_dirs)
+    for row, run_dir in enumerate(run_dirs):
+        rounds = read_metrics(run_dir / "metrics.jsonl", "outer_step")
+        previous_end = rounds[0]["time"] - t0
+        for r in rounds[1:]:
+            end = r["time"] - t0
+            start = end - r["blocked_s"]
+            ax.barh(row, start - previous_end, left=previous_end, color="tab:green", height=0.6)
+            ax.barh(row, end - start, left=start, color="tab:red", height=0.6)
+            previous_end = end
+    ax.set_yticks(range(len(run_dirs)), [d.name for d in run_dirs])
+    ax.set_xlabel("seconds since the end of the first round")
+    ax.set_title(title)
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:green"), plt.Rectangle((0, 0), 1, 1, color="tab:red")],
+              labels=["inner steps", "blocked at the outer step"], loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, short rounds (for the test suite)")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--rate-mbit", type=float, default=100.0, help="each worker's uplink (tbf)")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--inner-steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds measured (after the first)")
+    parser.add_argument("--compression", default="int8", choices=["none", "fp16", "int8"])
+    parser.add_argument("--plot", type=Path, help="write a timeline PNG here")
+    args = parser.parse_args()
+    if args.quick:
+        args.inner_steps, args.rounds = 8, 2
+
+    shaped, why = netns.available()
+    if not shaped:
+        print(f"network namespaces unavailable ({why}): workers run on loopback, links unshaped")
+    with tempfile.TemporaryDirectory(prefix="utilization-") as tmp:
+        base = Path(tmp)
+        model = "tiny" if args.quick else custom_model(base / "model", args.hidden, args.layers)
+        common = ["--model", model, "--batch-size", "4", "--seq-len", "128", "--threads", "1", "--no-progress",
+                  "--inner-steps", str(args.inner_steps), "--compression", args.compression, "--matchmaking-time", "3",
+                  "--request-timeout", "1", "--averaging-timeout", "120", "--max-epochs", str(args.rounds + 1),
+                  "--min-peers", str(args.workers), "--join-timeout", "120"]
+        run_dirs = [base / f"w{i}" for i in range(args.workers)]
+        network = netns.Network.create(args.workers, rate_mbit=args.rate_mbit) if shaped else None
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for i, run_dir in enumerate(run_dirs):
+                run_dir.mkdir(parents=True)
+                host = f"/ip4/{network.hosts[i].address}/tcp/0" if network else "/ip4/127.0.0.1/tcp/0"
+                argv = [sys.executable, "-m", "worker", "start", "--run-dir", str(run_dir), "--host-maddrs", host, *common]
+                if i > 0:
+                    first = run_dirs[0] / "peer.json"
+                    peer = wait(lambda p=first: p.exists() and json.loads(p.read_text()), 60, "the first worker's address")
+                    argv += ["--initial-peers", peer["maddrs"][0]]
+                if network:
+                    argv = network.hosts[i].command(argv)
+                log = open(run_dir / "worker.log", "wb")  # noqa: SIM115 (the child owns it)
+                procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+            deadline = time.monotonic() + (240 if args.quick else 900)
+            for proc in procs:
+                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                if code != 0:
+                    raise RuntimeError(f"a worker exited with {code}; see its worker.log")
+            results = [worker_utilization(d) for d in run_dirs]
+            if args.plot:
+                plot(run_dirs, args.plot, f"{args.workers} workers, {args.rate_mbit:g} Mbit/s uplinks, H={args.inner_steps}")
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            if network:
+                network.destroy()
+
+    n = args.workers
+    for r in results:
+        print(f"{r['worker']}: utilization {100 * r['utilization']:.1f}% over {r['rounds']} rounds, blocked "
+              f"{r['blocked_s']:.2f}s per round, all-reduce {r['allreduce_s']:.2f}s, groups {r['group_sizes']}")
+    utilization = statistics.mean(r["utilization"] for r in results)
+    allreduce_s = statistics.median(r["allreduce_s"] for r in results)
+    sent = statistics.median(r["bytes_sent"] for r in results)
+    floor_s = sent * 8 / (args.rate_mbit * 1e6) if shaped else None
+    full = all(size == n for r in results for size in r["group_sizes"])
+    link = f"{args.rate_mbit:g} Mbit/s" if shaped else "loopback"
+    print(f"utilization {100 * utilization:.1f}% ({n} workers, {link}); "
+          f"all-reduce {allreduce_s:.2f}s" + (f", floor {floor_s:.2f}s" if floor_s else "")
+          + ("" if full else "; some rounds were not one group of all workers"))
+    print(json.dumps({
+        "bench": "utilization", "utilization": round(utilization, 4), "workers": n, "shaped": shaped,
+        "rate_mbit": args.rate_mbit if shaped else None, "inner_steps": args.inner_steps,
+        "model": "tiny" if args.quick else f"{args.hidden}x{args.layers}", "compression": args.compression,
+        "allreduce_s": round(allreduce_s, 3), "allreduce_floor_s": round(floor_s, 3) if floor_s else None,
+        "blocked_s_per_round": round(statistics.mean(r["blocked_s"] for r in results), 3),
+        "all_rounds_full_group": full, "per_worker": [round(r["utilization"], 4) for r in results],
+    }))
+
+
+if __name__ == "__main__":
+    main()
