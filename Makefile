@@ -14,6 +14,9 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 install: $(VENV)/.installed
 
+# docker-compose==1.29.2 is installed without its dependencies (they conflict with ours): only its
+# copy of the Compose specification's JSON schema is used, by tests/test_docker.py.
+
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -24,9 +27,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 		|| $(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" --index-url "$(TORCH_CPU_INDEX)"; \
 	fi
 	$(PY) -m pip install --quiet -e ".[dev]"
-	# The Compose specification's JSON schema, for tests/test_docker.py: the docker-compose v1 wheel
-	# ships it; its dependencies conflict with ours and are not needed to read a JSON file.
-	$(PY) -m pip install --quiet --no-deps "docker-compose==1.29.2"
+	$(PY) -m pip install --quiet --no-deps "docker-compose==1.29.2"  # the Compose spec schema, see above
 	touch $@
 
 run: install
@@ -41,6 +42,7 @@ bench: install
 	$(PY) bench/catchup.py
 	$(PY) bench/newcomer.py
 	$(PY) bench/convergence.py --plot docs/convergence.png
+	$(PY) bench/utilization.py --plot docs/utilization.png
 
 lint: install
 	$(VENV)/bin/ruff check .

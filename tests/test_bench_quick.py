@@ -57,3 +57,11 @@ def test_newcomer_quick() -> None:
     assert out["bench"] == "newcomer"
     assert out["first_group_size"] >= 2  # the newcomer contributed to a round with the others
     assert 0 < out["transfer_s"] <= out["time_to_state_s"] <= out["time_to_first_round_s"]
+
+
+def test_utilization_quick() -> None:
+    out = run_bench("utilization.py", timeout=400)
+    assert out["bench"] == "utilization" and out["workers"] == 4 and len(out["per_worker"]) == 4
+    # A share of wall time; the figure itself is read from the full run, not asserted on a loaded 2-core machine.
+    assert 0 < out["utilization"] <= 1 and all(0 < u <= 1 for u in out["per_worker"])
+    assert out["allreduce_s"] > 0  # the measured rounds were averaged, not run alone
