@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,25 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._workers import custom_model, start, stop_all, wait  # noqa: E402
 from worker.metrics import read_metrics  # noqa: E402
-from worker.model import model_config  # noqa: E402
-
-
-def start(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = open(run_dir / "worker.log", "wb")  # noqa: SIM115 (the child owns it)
-    return subprocess.Popen([sys.executable, "-m", "worker", "start", "--run-dir", str(run_dir), *args],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-
-
-def wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201 (a tiny local helper)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def main() -> None:
@@ -60,11 +41,7 @@ def main() -> None:
         base = Path(tmp)
         model = "tiny"
         if not args.quick:
-            config = model_config("tiny")
-            config.hidden_size, config.num_hidden_layers = args.hidden, args.layers
-            config.intermediate_size, config.num_attention_heads, config.num_key_value_heads = 4 * args.hidden, 8, 4
-            config.save_pretrained(base / "model")
-            model = str(base / "model")
+            model = custom_model(base / "model", args.hidden, args.layers)
         common = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--model", model, "--batch-size", "2", "--seq-len", "64",
                   "--threads", "1", "--no-progress", "--inner-steps", str(args.inner_steps), "--matchmaking-time", "2",
                   "--request-timeout", "1", "--averaging-timeout", "60", "--max-epochs", "0"]
@@ -82,14 +59,7 @@ def main() -> None:
                          "the newcomer's first round")[0]
             loaded = [r for r in read_metrics(newcomer, "state_loaded") if r["source"] == "peer"][0]
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
     to_round = first["time"] - began
     to_loaded = loaded["time"] - began
     share = loaded["seconds"] / to_round

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,28 +37,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._workers import custom_model, start, stop_all, wait  # noqa: E402
 from tests import netns  # noqa: E402
 from worker.metrics import read_metrics  # noqa: E402
-from worker.model import model_config  # noqa: E402
-
-
-def custom_model(directory: Path, hidden: int, layers: int) -> str:
-    """A Llama config of the given width and depth (byte vocabulary), saved where `--model` can read it."""
-    config = model_config("tiny")
-    config.hidden_size, config.num_hidden_layers = hidden, layers
-    config.intermediate_size, config.num_attention_heads, config.num_key_value_heads = 4 * hidden, 8, 4
-    config.save_pretrained(directory)
-    return str(directory)
-
-
-def wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201 (a tiny local helper)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def worker_utilization(run_dir: Path) -> dict[str, Any]:
@@ -140,17 +120,13 @@ def main() -> None:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             for i, run_dir in enumerate(run_dirs):
-                run_dir.mkdir(parents=True)
                 host = f"/ip4/{network.hosts[i].address}/tcp/0" if network else "/ip4/127.0.0.1/tcp/0"
-                argv = [sys.executable, "-m", "worker", "start", "--run-dir", str(run_dir), "--host-maddrs", host, *common]
+                args_i = ["--host-maddrs", host, *common]
                 if i > 0:
                     first = run_dirs[0] / "peer.json"
                     peer = wait(lambda p=first: p.exists() and json.loads(p.read_text()), 60, "the first worker's address")
-                    argv += ["--initial-peers", peer["maddrs"][0]]
-                if network:
-                    argv = network.hosts[i].command(argv)
-                log = open(run_dir / "worker.log", "wb")  # noqa: SIM115 (the child owns it)
-                procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+                    args_i += ["--initial-peers", peer["maddrs"][0]]
+                procs.append(start(run_dir, args_i, wrap=network.hosts[i].command if network else lambda argv: argv))
             deadline = time.monotonic() + (240 if args.quick else 900)
             for proc in procs:
                 code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -160,14 +136,7 @@ def main() -> None:
             if args.plot:
                 plot(run_dirs, args.plot, f"{args.workers} workers, {args.rate_mbit:g} Mbit/s uplinks, H={args.inner_steps}")
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
             if network:
                 network.destroy()
 
