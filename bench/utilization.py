@@ -6,8 +6,11 @@ all-reduce of its pseudo-gradients takes seconds on that link. From each worker'
 metrics.jsonl, over the rounds after the first (which includes start-up and waiting for
 peers):
 
-    utilization = 1 - sum(outer_step.blocked_s) / wall time of those rounds
+    utilization = sum(outer_step.inner_s) / wall time of those rounds
 
+`inner_s` is the time the worker spent in inner steps: everything else (the outer step,
+checkpoints, which the worker writes every epoch by default, logging) counts against it.
+The outer step's own share is reported too (`not_blocked` = 1 - sum(blocked_s) / wall):
 `blocked_s` is everything the training loop waited for at an outer step: slower peers
 finishing their inner phase, matchmaking, the all-reduce, the outer update and hashing.
 The all-reduce itself is also compared with its floor 2(N-1)/N * S / BW (S: the bytes a
@@ -52,7 +55,10 @@ def worker_utilization(run_dir: Path) -> dict[str, Any]:
     blocked = sum(r["blocked_s"] for r in measured)
     return {
         "worker": run_dir.name,
-        "utilization": 1 - blocked / wall,
+        # Time in inner steps over wall time: what the outer step, checkpoints and logging cost together.
+        "utilization": sum(r["inner_s"] for r in measured) / wall,
+        # The outer step's part alone.
+        "not_blocked": 1 - blocked / wall,
         "rounds": len(measured),
         "wall_s": wall,
         "blocked_s": blocked / len(measured),
@@ -75,15 +81,18 @@ def plot(run_dirs: list[Path], path: Path, title: str) -> None:
         previous_end = rounds[0]["time"] - t0
         for r in rounds[1:]:
             end = r["time"] - t0
-            start = end - r["blocked_s"]
-            ax.barh(row, start - previous_end, left=previous_end, color="tab:green", height=0.6)
-            ax.barh(row, end - start, left=start, color="tab:red", height=0.6)
+            blocked_from = end - r["blocked_s"]
+            inner_from = blocked_from - r["inner_s"]
+            ax.barh(row, inner_from - previous_end, left=previous_end, color="tab:gray", height=0.6)
+            ax.barh(row, r["inner_s"], left=inner_from, color="tab:green", height=0.6)
+            ax.barh(row, r["blocked_s"], left=blocked_from, color="tab:red", height=0.6)
             previous_end = end
     ax.set_yticks(range(len(run_dirs)), [d.name for d in run_dirs])
     ax.set_xlabel("seconds since the end of the first round")
     ax.set_title(title)
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:green"), plt.Rectangle((0, 0), 1, 1, color="tab:red")],
-              labels=["inner steps", "blocked at the outer step"], loc="lower right")
+    colors = {"inner steps": "tab:green", "blocked at the outer step": "tab:red", "checkpoint and the rest": "tab:gray"}
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()], labels=list(colors),
+              loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -142,7 +151,8 @@ def main() -> None:
 
     n = args.workers
     for r in results:
-        print(f"{r['worker']}: utilization {100 * r['utilization']:.1f}% over {r['rounds']} rounds, blocked "
+        print(f"{r['worker']}: utilization {100 * r['utilization']:.1f}% (not blocked by the outer step "
+              f"{100 * r['not_blocked']:.1f}%) over {r['rounds']} rounds, blocked "
               f"{r['blocked_s']:.2f}s per round, all-reduce {r['allreduce_s']:.2f}s, groups {r['group_sizes']}")
     utilization = statistics.mean(r["utilization"] for r in results)
     allreduce_s = statistics.median(r["allreduce_s"] for r in results)
@@ -154,7 +164,8 @@ def main() -> None:
           f"all-reduce {allreduce_s:.2f}s" + (f", floor {floor_s:.2f}s" if floor_s else "")
           + ("" if full else "; some rounds were not one group of all workers"))
     print(json.dumps({
-        "bench": "utilization", "utilization": round(utilization, 4), "workers": n, "shaped": shaped,
+        "bench": "utilization", "utilization": round(utilization, 4),
+        "not_blocked": round(statistics.mean(r["not_blocked"] for r in results), 4), "workers": n, "shaped": shaped,
         "rate_mbit": args.rate_mbit if shaped else None, "inner_steps": args.inner_steps,
         "model": "tiny" if args.quick else f"{args.hidden}x{args.layers}", "compression": args.compression,
         "allreduce_s": round(allreduce_s, 3), "allreduce_floor_s": round(floor_s, 3) if floor_s else None,

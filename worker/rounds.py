@@ -43,6 +43,7 @@ class SwarmRounds:
     epoch: int
     inner_step: int
     round_tokens: int
+    round_inner_s: float
     peers_seen: int
     stop_requested: bool
 
@@ -59,7 +60,7 @@ class SwarmRounds:
             notice(f"[bold red]the pseudo-gradient of epoch {self.epoch} is not finite: round dropped[/]")
             self.metrics.emit("round_dropped", epoch=self.epoch, reason="non-finite pseudo-gradient")
             self.outer.copy_to(self.trainer.params)
-            self.inner_step, self.round_tokens = 0, 0
+            self.inner_step, self.round_tokens, self.round_inner_s = 0, 0, 0.0
             return
         # Check this worker still holds the swarm's theta_g, then tell the others whether it is ready to average.
         agreement = self.swarm.agreement(epoch=self.epoch, my_hash=self.progress.param_sha256)
@@ -123,6 +124,7 @@ class SwarmRounds:
         self.epoch += 1
         self.inner_step = 0
         tokens, self.round_tokens = self.round_tokens, 0
+        inner_s, self.round_inner_s = self.round_inner_s, 0.0
         self.peers_seen = group_size
         if fault_at("perturb_params", self.epoch):
             with torch.no_grad():
@@ -136,7 +138,7 @@ class SwarmRounds:
             "outer_step", epoch=self.epoch, group_size=group_size, param_sha256=self.progress.param_sha256,
             blocked_s=time.perf_counter() - began, allreduce_s=allreduce_s, bytes_sent=sent,
             bytes_received=received, tokens=tokens, expected_peers=expected, in_sync=self.progress.in_sync,
-            failures=failures[-3:],
+            failures=failures[-3:], inner_s=inner_s,
         )
 
     def _overtaken(self, *, until: float, failures: list[str]) -> bool:
@@ -205,7 +207,7 @@ class SwarmRounds:
         self.outer.copy_to(self.trainer.params)
         if self.param_hash() != result.param_sha256:
             raise WorkerError("state fetched from peers does not match its verified hash after loading (a bug)")
-        self.epoch, self.round_tokens = result.epoch, 0
+        self.epoch, self.round_tokens, self.round_inner_s = result.epoch, 0, 0.0
         self.trainer.step_count = int(result.meta.get("global_step", self.epoch * self.cfg.train.inner_steps))
         # Join the round where the others are, so this worker reaches the outer step with them.
         self.inner_step = min(self.swarm.round_position(epoch=self.epoch), self.cfg.train.inner_steps - 1)
@@ -235,5 +237,5 @@ class SwarmRounds:
             # Nobody offers a better state: go on alone rather than stall; the next round checks again.
             notice("[yellow]no peer offers the reference state; training on alone[/]")
             self.progress.in_sync = True
-            self.inner_step, self.round_tokens = 0, 0
+            self.inner_step, self.round_tokens, self.round_inner_s = 0, 0, 0.0
             self.outer.copy_to(self.trainer.params)

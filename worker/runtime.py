@@ -76,6 +76,7 @@ class Worker(SwarmRounds):
         self.epoch = 0  # outer rounds completed: theta_g is the state at the start of round `epoch`
         self.inner_step = 0  # inner steps done in the current round
         self.round_tokens = 0
+        self.round_inner_s = 0.0  # seconds spent in inner steps this round (for compute utilization)
         self._saved_at: tuple[int, int] | None = None
         self._started = False  # set once state is loaded: only then is there anything to save
         self.peers_seen = 1
@@ -280,6 +281,7 @@ class Worker(SwarmRounds):
             self.progress.inner_step = self.inner_step
             self.swarm.publish(self.progress)
             self.exchange.refresh()
+        self.round_inner_s += time.perf_counter() - started
 
     # -- state on disk -----------------------------------------------------------------------
 
