@@ -6,11 +6,11 @@ connections (``checkpoints.client``) spread across every donor offering that sna
 Each part lands straight in its place in one preallocated buffer; a part that fails for
 any reason is fetched again from another donor.
 
-Verification, at one SHA-256 pass per byte in the common case (hashing, not the network,
+Verification, at one hash pass per byte in the common case (hashing, not the network,
 is what bounds a loopback or LAN transfer on a small machine):
 
 - parts holding any non-``"global"`` tensor bytes are checked against the manifest's
-  part hash as they arrive;
+  part digest (BLAKE3, ``snapshot.part_digest``) as they arrive;
 - parts holding only ``"global"`` tensors (and padding) are covered instead by
   ``param_sha256`` of the global group, which a helper thread computes in name order
   while the parts arrive. Only when that digest disagrees with the offer are those parts
@@ -47,6 +47,7 @@ from checkpoints.snapshot import (
     StateTransferError,
     Tensors,
     parse_manifest,
+    part_digest,
     tensors_from_buffer,
 )
 
@@ -79,10 +80,11 @@ class FetchResult:
     seconds: float
     epoch: int
     manifest_sha256: str
-    param_sha256: str
+    param_sha256: str  # the offer's; checked against the received global group unless param_checked is False
     donors: list[str]  # peer ids whose bytes are in the result (the manifest's donor included)
     bad_donors: list[tuple[str, str]]  # (peer id, reason): sent bytes that do not match what they signed
     failed_donors: list[tuple[str, str]] = field(default_factory=list)  # unreachable, disconnected, stalled, busy
+    param_checked: bool = True  # False: fetched with check_param_sha256=False, the caller must check it
 
 
 def rank_offers(offers: Sequence[OfferLike]) -> list[list[OfferLike]]:
@@ -132,7 +134,7 @@ class _Transfer:
     """The parts of one snapshot, fetched by stream threads; all shared state is guarded by ``cond``."""
 
     def __init__(self, *, manifest: Manifest, manifest_sha256: str, donors: list[_Donor], deadline: float,
-                 io_timeout: float, connect_timeout: float) -> None:
+                 io_timeout: float, connect_timeout: float, defer_global: bool = True) -> None:
         self.manifest, self.manifest_sha256, self.donors = manifest, manifest_sha256, donors
         self.deadline, self.io_timeout, self.connect_timeout = deadline, io_timeout, connect_timeout
         self.buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
@@ -141,7 +143,7 @@ class _Transfer:
         self.pending: deque[int] = deque(range(manifest.num_parts))
         self.done = [False] * manifest.num_parts
         self.delivered_by: list[_Donor | None] = [None] * manifest.num_parts
-        self.deferred = self._global_only_parts()
+        self.deferred = self._global_only_parts() if defer_global else [False] * manifest.num_parts
         self.done_count = self.done_bytes = self.inflight = self.received = 0
         self.stop = False
         self.error: str | None = None
@@ -340,9 +342,9 @@ class _Transfer:
         finally:
             with self.cond:
                 self.received += conn.received - before
-        # hashlib releases the GIL: other streams keep receiving while this part is checked.
-        if not self.deferred[part] and hashlib.sha256(target).hexdigest() != self.manifest.parts_sha256[part]:
-            raise DonorMisbehaved(f"part {part} sha256 mismatch")
+        # blake3 releases the GIL: other streams keep receiving while this part is checked.
+        if not self.deferred[part] and part_digest(target) != self.manifest.parts_digest[part]:
+            raise DonorMisbehaved(f"part {part} digest mismatch")
 
     def _drop(self, conn: DonorConnection | None) -> None:
         """Forget and close ``conn`` (cond held)."""
@@ -357,13 +359,13 @@ class _Transfer:
         bad = []
         for part, deferred in enumerate(self.deferred):
             start, end = self.manifest.part_range(part)
-            if deferred and hashlib.sha256(self.view[start:end]).hexdigest() != self.manifest.parts_sha256[part]:
+            if deferred and part_digest(self.view[start:end]) != self.manifest.parts_digest[part]:
                 bad.append(part)
         with self.cond:
             for part in bad:
                 donor = self.delivered_by[part]
                 if donor is not None:
-                    donor.lose(f"part {part} sha256 mismatch", bad=True, snapshot=self.manifest_sha256)
+                    donor.lose(f"part {part} digest mismatch", bad=True, snapshot=self.manifest_sha256)
                 start, end = self.manifest.part_range(part)
                 self.done[part], self.delivered_by[part] = False, None
                 self.done_count -= 1
@@ -442,6 +444,7 @@ def _check_against_offer(manifest: Manifest, offer: OfferLike) -> None:
 def _fetch_snapshot(
     offer: OfferLike, donors: list[_Donor], *, expect_shapes: Shapes | None, streams: int, deadline: float,
     connect_timeout: float, io_timeout: float, max_total_bytes: int, progress: Callable[[int, int], None] | None,
+    check_param_sha256: bool = True,
 ) -> tuple[Tensors, Manifest, int, _Transfer, _Donor]:
     """Fetch the snapshot ``donors`` all offer; raise StateTransferError naming why it failed."""
     manifest_bytes, first_conn, first_donor = _fetch_manifest(
@@ -450,11 +453,15 @@ def _fetch_snapshot(
         manifest = parse_manifest(manifest_bytes, expect_shapes=expect_shapes, max_total_bytes=max_total_bytes)
         _check_against_offer(manifest, offer)
         transfer = _Transfer(manifest=manifest, manifest_sha256=offer.manifest_sha256, donors=donors,
-                             deadline=deadline, io_timeout=io_timeout, connect_timeout=connect_timeout)
+                             deadline=deadline, io_timeout=io_timeout, connect_timeout=connect_timeout,
+                             defer_global=check_param_sha256)
     except BaseException:
         first_conn.close()
         raise
     transfer.connections.add(first_conn)
+    if not check_param_sha256:  # every part checked against its digest as it arrives; nothing else to do
+        transfer.run_round(streams=streams, progress=progress, first=(first_conn, first_donor))
+        return tensors_from_buffer(manifest, transfer.buffer), manifest, len(manifest_bytes), transfer, first_donor
     hashed: list[str] = []
     hash_error: list[BaseException] = []
 
@@ -492,7 +499,7 @@ def _fetch_snapshot(
 def fetch_state(
     offers: Sequence[OfferLike], *, expect_shapes: Shapes | None = None, streams: int = 4, timeout: float,
     progress: Callable[[int, int], None] | None = None, connect_timeout: float = 5.0, io_timeout: float = 10.0,
-    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES, check_param_sha256: bool = True,
 ) -> FetchResult:
     """Download and verify the best offered state; raise a one-line StateTransferError when no donor can deliver.
 
@@ -507,6 +514,11 @@ def fetch_state(
     ``StateServer.request_timeout``/``send_timeout`` so the newcomer notices stalls first.
 
     ``progress(bytes_received, total_bytes)`` is called in the caller's thread as parts arrive.
+
+    ``check_param_sha256=False`` skips the check of the offer's ``param_sha256`` against the
+    received global group (every part is still checked against the signed manifest), for a
+    caller that hashes the group itself anyway: it must then refuse a mismatch (a donor that
+    signed a param hash its snapshot does not have). ``FetchResult.param_checked`` says which.
     """
     if streams < 1:
         raise ValueError("streams must be at least 1")
@@ -528,7 +540,7 @@ def fetch_state(
             tensors, manifest, manifest_len, transfer, first = _fetch_snapshot(
                 offer, donors, expect_shapes=expect_shapes, streams=streams, deadline=deadline,
                 connect_timeout=connect_timeout, io_timeout=io_timeout, max_total_bytes=max_total_bytes,
-                progress=progress)
+                progress=progress, check_param_sha256=check_param_sha256)
         except StateTransferError as error:
             reasons.append(f"epoch {offer.epoch} snapshot {offer.manifest_sha256[:12]} ({len(group)} donor(s)): {error}")
             continue
@@ -540,6 +552,7 @@ def fetch_state(
             donors=[d.peer_id for d in donors if d.peer_id in contributors],
             bad_donors=[(d.peer_id, d.failure or "") for d in everyone if d.bad],
             failed_donors=[(d.peer_id, d.failure or "") for d in everyone if d.failure and not d.bad],
+            param_checked=check_param_sha256,
         )
     more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
     raise StateTransferError(f"no donor could deliver the state: {reasons[0] if reasons else 'no candidates'}{more}")

@@ -174,7 +174,7 @@ def _set_row(index: int, column: int, value: Any) -> Any:
     (lambda doc: doc["parts"].pop(), "part table"),
     (lambda doc: doc.__setitem__("total_bytes", 1 << 45), "out of range"),
     (lambda doc: doc.__setitem__("part_bytes", True), "part_bytes"),
-    (lambda doc: doc.__setitem__("format", "pickle"), "not a diloco-state-v1"),
+    (lambda doc: doc.__setitem__("format", "pickle"), "not a diloco-state-v2"),
     (lambda doc: doc["groups"].remove("outer"), "undeclared group"),
     (lambda doc: doc["groups"].append("global"), "distinct"),
 ])
@@ -191,7 +191,7 @@ def test_decode_refuses_bad_parts_and_garbage() -> None:
     parts = [bytes(snapshot.part(i)) for i in range(snapshot.num_parts)]
     with pytest.raises(StateTransferError, match="not valid msgpack"):
         decode_snapshot(b"\xc1garbage", parts)
-    with pytest.raises(StateTransferError, match="sha256 mismatch"):
+    with pytest.raises(StateTransferError, match="digest mismatch"):
         decode_snapshot(snapshot.manifest, parts[:3] + [b"\0" * len(parts[3])] + parts[4:])
     with pytest.raises(StateTransferError, match="has 5 bytes"):
         decode_snapshot(snapshot.manifest, parts[:-1] + [b"12345"])
@@ -336,7 +336,7 @@ def test_corrupt_donor_is_rejected_retried_elsewhere_and_named(corrupt: str, cap
     assert liar.parts_sent > 0
     assert result.received_bytes > result.bytes  # the rejected parts were fetched again
     assert_same(result.tensors, state)
-    assert [p for p, _ in result.bad_donors] == ["liar-peer"] and "sha256 mismatch" in result.bad_donors[0][1]
+    assert [p for p, _ in result.bad_donors] == ["liar-peer"] and "digest mismatch" in result.bad_donors[0][1]
     assert "honest-peer" in result.donors
     assert any("liar-peer" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 

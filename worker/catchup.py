@@ -118,7 +118,10 @@ class StateExchange:
         ]
         if not offers:
             return None
-        return fetch_state(offers, expect_shapes=expect_shapes, timeout=timeout, progress=progress)
+        # The worker hashes theta_g right after loading anyway (its progress record carries the hash), so
+        # the param_sha256 check happens there, once, instead of during the transfer as well.
+        return fetch_state(offers, expect_shapes=expect_shapes, timeout=timeout, progress=progress,
+                           check_param_sha256=False)
 
 
 def expected_shapes(params: dict[str, torch.Tensor], outer: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple[int, ...]]]:

@@ -21,7 +21,6 @@ from checkpoints import FetchResult, StateTransferError, param_sha256
 from worker.catchup import SharedState, StateExchange, describe
 from worker.config import WorkerConfig
 from worker.console import DownloadProgress, notice
-from worker.errors import WorkerError
 from worker.faults import fault_at
 from worker.metrics import MetricsLog
 from worker.swarm import LocalProgress, SwarmView
@@ -190,23 +189,28 @@ class SwarmRounds:
                                       description="fetching the swarm's state") as bar:
                     result = self.exchange.fetch(newer_than=self.epoch, expect_shapes=self._expected_shapes(),
                                                  timeout=self.cfg.swarm.fetch_timeout, avoid_hash=avoid_hash, progress=bar)
+                if result is not None:
+                    self._load_fetched(result)
             except StateTransferError as e:
                 notice(f"[yellow]could not fetch the swarm's state: {e}[/]")
                 self.metrics.emit("state_fetch_failed", epoch=self.epoch, reason=str(e))
                 break
             if result is None:
                 break
-            self._load_fetched(result)
             fetched, avoid_hash = True, None
         return fetched
 
     def _load_fetched(self, result: FetchResult) -> None:
         global_tensors = result.tensors["global"]
-        self.outer.load_params([global_tensors[n] for n in self.names])
+        # Every part matched the donors' signed manifest; that the manifest holds the theta_g the offer names
+        # is checked here, before anything is loaded (fetch_state was asked to leave it to this hash).
+        digest = param_sha256({n: global_tensors[n] for n in self.names})
+        if digest != result.param_sha256:
+            raise StateTransferError(f"donor(s) {', '.join(result.donors)} offered param_sha256 "
+                                     f"{result.param_sha256[:12]} but served {digest[:12]}: state refused")
+        self.outer.load_params([global_tensors[n] for n in self.names])  # exact copies: the digest holds
         self.outer.load_state_tensors(dict(result.tensors.get("outer", {})))
         self.outer.copy_to(self.trainer.params)
-        if self.param_hash() != result.param_sha256:
-            raise WorkerError("state fetched from peers does not match its verified hash after loading (a bug)")
         self.epoch, self.round_tokens, self.round_inner_s = result.epoch, 0, 0.0
         self.trainer.step_count = int(result.meta.get("global_step", self.epoch * self.cfg.train.inner_steps))
         # Join the round where the others are, so this worker reaches the outer step with them.
