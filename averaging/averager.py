@@ -310,7 +310,9 @@ class SwarmAverager:
                 if step.done():
                     raise
             # Only between attempts: an all-reduce in flight may still succeed for everyone.
-            if give_up is not None and step.stage != AveragingStage.RUNNING_ALLREDUCE and give_up():
+            # The stage is read again after give_up() (a DHT read): an all-reduce may have started meanwhile.
+            if (give_up is not None and step.stage != AveragingStage.RUNNING_ALLREDUCE and give_up()
+                    and step.stage != AveragingStage.RUNNING_ALLREDUCE and not step.done()):
                 raise RoundAbandoned("the caller gave up on the round")
 
     def _round_target(self, expected_peers: int | None) -> int | None:

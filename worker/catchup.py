@@ -52,6 +52,7 @@ class StateExchange:
         self._endpoints: list[str] = []
         self._offer: Offer | None = None
         self._offered_at = 0.0
+        self._refused: set[str] = set()  # snapshots (manifest hashes) whose content failed the caller's checks
 
     def start(self) -> None:
         self.server.start()
@@ -91,6 +92,10 @@ class StateExchange:
         except Exception as e:  # a DHT hiccup must not stop training; the next refresh offers again
             logger.warning("could not publish the state offer: %s", e)
 
+    def refuse(self, manifest_sha256: str) -> None:
+        """Never fetch this snapshot again: its parts matched its manifest, but not what its offer claims."""
+        self._refused.add(manifest_sha256)
+
     def others(self) -> list[Offer]:
         try:
             return [o for o in read_offers(self.dht, run_id=self.run_id) if o.peer_id != self.peer_id]
@@ -114,7 +119,9 @@ class StateExchange:
         """
         offers = [
             o for o in self.others()
-            if o.epoch > newer_than or (avoid_hash is not None and o.epoch == newer_than and o.param_sha256 != avoid_hash)
+            if o.manifest_sha256 not in self._refused
+            and (o.epoch > newer_than
+                 or (avoid_hash is not None and o.epoch == newer_than and o.param_sha256 != avoid_hash))
         ]
         if not offers:
             return None

@@ -110,7 +110,7 @@ class SwarmRounds:
                     expected_peers=expected if members.everyone and expected > 1 else None,
                     # Someone already at the next epoch: the round was settled without this worker (its own
                     # attempt failed where the others' succeeded); retrying until the deadline is pointless.
-                    give_up=lambda: self.swarm.newest_epoch() > self.epoch,
+                    give_up=lambda: self.swarm.overtaken_at(epoch=self.epoch, param_sha256=self.progress.param_sha256) >= 0,
                 )
                 group_size, allreduce_s = result.group_size, result.allreduce_s
                 sent, received = result.bytes_sent, result.bytes_received
@@ -144,9 +144,12 @@ class SwarmRounds:
         """A worker alone at its outer step while the swarm is already further along (its fetched state was
         overtaken during the download, or it missed the group) takes the swarm's state rather than publish a
         theta_g of its own for an epoch the swarm has settled otherwise. True when it did."""
-        trained, swarm_epoch = self.epoch, self.swarm.newest_epoch()
-        if swarm_epoch <= trained:
+        trained = self.epoch
+        swarm_epoch = self.swarm.overtaken_at(epoch=trained, param_sha256=self.progress.param_sha256)
+        if swarm_epoch < 0:
             return False
+        if self.stop_requested:
+            return True  # leave the round unfinished (as on any stop mid-outer-step) rather than diverge
         while not self.stop_requested:
             if self._catch_up():
                 notice(f"[yellow]the swarm reached epoch {swarm_epoch} while this worker trained epoch {trained}: "
@@ -202,17 +205,26 @@ class SwarmRounds:
 
     def _load_fetched(self, result: FetchResult) -> None:
         global_tensors = result.tensors["global"]
-        # Every part matched the donors' signed manifest; that the manifest holds the theta_g the offer names
-        # is checked here, before anything is loaded (fetch_state was asked to leave it to this hash).
-        digest = param_sha256({n: global_tensors[n] for n in self.names})
-        if digest != result.param_sha256:
-            raise StateTransferError(f"donor(s) {', '.join(result.donors)} offered param_sha256 "
-                                     f"{result.param_sha256[:12]} but served {digest[:12]}: state refused")
+        outer_tensors = dict(result.tensors.get("outer", {}))
+        # Every part matched the donors' signed manifest; what the manifest holds is checked here, before
+        # anything is loaded: dtypes (shapes were checked by fetch_state), the round metadata, and that the
+        # parameters are the theta_g the offer names (fetch_state was asked to leave that hash to us).
+        wrong = [n for n in self.names if global_tensors[n].dtype != torch.float32]
+        wrong += [n for n, t in outer_tensors.items() if t.dtype != torch.float32]
+        step = result.meta.get("global_step", result.epoch * self.cfg.train.inner_steps)
+        digest = param_sha256({n: global_tensors[n] for n in self.names}) if not wrong else ""
+        problem = (f"tensor {wrong[0]} is not float32" if wrong
+                   else f"global_step {step!r} is not a non-negative int" if not (type(step) is int and step >= 0)
+                   else f"offered param_sha256 {result.param_sha256[:12]} but served {digest[:12]}"
+                   if digest != result.param_sha256 else None)
+        if problem is not None:
+            self.exchange.refuse(result.manifest_sha256)  # not fetched again: the next try takes another offer
+            raise StateTransferError(f"donor(s) {', '.join(result.donors)}: {problem}; state refused")
         self.outer.load_params([global_tensors[n] for n in self.names])  # exact copies: the digest holds
-        self.outer.load_state_tensors(dict(result.tensors.get("outer", {})))
+        self.outer.load_state_tensors(outer_tensors)
         self.outer.copy_to(self.trainer.params)
         self.epoch, self.round_tokens, self.round_inner_s = result.epoch, 0, 0.0
-        self.trainer.step_count = int(result.meta.get("global_step", self.epoch * self.cfg.train.inner_steps))
+        self.trainer.step_count = step
         # Join the round where the others are, so this worker reaches the outer step with them.
         self.inner_step = min(self.swarm.round_position(epoch=self.epoch), self.cfg.train.inner_steps - 1)
         self.trainer.step_count += self.inner_step

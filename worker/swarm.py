@@ -108,17 +108,31 @@ class SwarmView:
         behind, out of sync or on another theta_g are not waited for.
         """
         while True:
-            live = self._fresh_in_sync()
-            members = [r for r in live if r.epoch == epoch and r.param_sha256 == param_sha256]
+            everyone_else = self.others()  # one read: both figures below must come from the same view
+            fresh_after = get_dht_time() - 2.5 * PUBLISH_EVERY
+            members = [r for r in everyone_else if r.in_sync and r.time > fresh_after and r.epoch == epoch
+                       and r.param_sha256 == param_sha256]
             ready = [r for r in members if r.inner_step >= inner_steps]
             if len(ready) == len(members) or time.monotonic() >= until or stop():
-                return RoundMembers(ready=len(ready) + 1, everyone=len(ready) == len(self.others()))
+                return RoundMembers(ready=len(ready) + 1, everyone=len(ready) == len(everyone_else))
             self._keep_alive()
             time.sleep(0.2)
 
     def newest_epoch(self) -> int:
         """The newest epoch a live in-sync peer is at (-1 when there is none)."""
         return max((r.epoch for r in self._fresh_in_sync()), default=-1)
+
+    def overtaken_at(self, *, epoch: int, param_sha256: str) -> int:
+        """The epoch the swarm moved on to while this worker is still at `epoch` (-1 when it did not).
+
+        The swarm moved on when the live peers ahead are at least as many as those still in
+        this worker's round (itself included): one fast peer that stopped waiting and went on
+        alone does not overrule a group that is still averaging (it repairs at the next check).
+        """
+        live = self._fresh_in_sync()
+        ahead = [r.epoch for r in live if r.epoch > epoch]
+        here = 1 + sum(1 for r in live if r.epoch == epoch and r.param_sha256 == param_sha256)
+        return max(ahead) if ahead and len(ahead) >= here else -1
 
     def wait_for_peers(self, *, count: int, until: float, stop: Callable[[], bool] = lambda: False) -> int:
         """Wait (until the monotonic time `until`, or `stop()`) for `count` live peers of the run, this one included."""
