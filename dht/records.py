@@ -133,3 +133,16 @@ def check_agreement(records: list[ProgressRecord], *, epoch: int, my_peer_id: st
     counts = Counter(at_epoch.values())
     reference, votes = min(counts.items(), key=lambda item: (-item[1], item[0]))
     return Agreement(epoch=epoch, majority_hash=reference, votes=votes, peers=len(at_epoch), mine_agrees=my_hash == reference)
+
+
+def moved_on_epoch(records: list[ProgressRecord], *, epoch: int, my_hash: str) -> int:
+    """The epoch the swarm moved on to while this peer is still at `epoch` with `my_hash` (-1 when it did not).
+
+    `records` are the other live in-sync peers. The swarm moved on when the peers ahead
+    are at least as many as those still in this peer's round (itself included): one fast
+    peer that stopped waiting and went on alone does not overrule a group still averaging
+    (it is the one that repairs, at the next agreement check).
+    """
+    ahead = [r.epoch for r in records if r.epoch > epoch]
+    here = 1 + sum(1 for r in records if r.epoch == epoch and r.param_sha256 == my_hash)
+    return max(ahead) if ahead and len(ahead) >= here else -1

@@ -16,6 +16,7 @@ from dht.records import (
     ProgressRecord,
     check_agreement,
     load_or_create_record_key,
+    moved_on_epoch,
     record_validators,
 )
 
@@ -41,6 +42,19 @@ def test_agreement_is_by_majority_of_the_same_epoch() -> None:
     # A tie goes to the smallest hash, the same choice on every peer: one side repairs, the swarm converges.
     assert check_agreement([record("p1", 3, b)], epoch=3, my_peer_id="me", my_hash=a).mine_agrees
     assert not check_agreement([record("p1", 3, a)], epoch=3, my_peer_id="me", my_hash=b).mine_agrees
+
+
+def test_the_swarm_moved_on_only_when_those_ahead_are_not_outnumbered() -> None:
+    a, b = "a" * 64, "b" * 64
+    # Everyone else finished the round this worker missed: it is behind.
+    assert moved_on_epoch([record("p1", 8, b), record("p2", 8, b)], epoch=7, my_hash=a) == 8
+    # One peer ahead, this worker alone in its round: one against one, follow the swarm.
+    assert moved_on_epoch([record("p1", 8, b)], epoch=7, my_hash=a) == 8
+    # One fast peer went on alone while two are still averaging epoch 7: the group does not give up.
+    assert moved_on_epoch([record("p1", 8, b), record("p2", 7, a)], epoch=7, my_hash=a) == -1
+    # Peers at the same epoch on another theta_g are not in this round; nobody ahead: nothing to follow.
+    assert moved_on_epoch([record("p1", 7, b)], epoch=7, my_hash=a) == -1
+    assert moved_on_epoch([], epoch=7, my_hash=a) == -1
 
 
 def test_records_are_signed_and_cannot_be_overwritten_by_another_peer(tmp_path: Path) -> None:

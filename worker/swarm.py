@@ -15,7 +15,7 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
-from dht.records import RECORD_TTL, Agreement, ProgressBoard, ProgressRecord, check_agreement
+from dht.records import RECORD_TTL, Agreement, ProgressBoard, ProgressRecord, check_agreement, moved_on_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -123,16 +123,9 @@ class SwarmView:
         return max((r.epoch for r in self._fresh_in_sync()), default=-1)
 
     def overtaken_at(self, *, epoch: int, param_sha256: str) -> int:
-        """The epoch the swarm moved on to while this worker is still at `epoch` (-1 when it did not).
-
-        The swarm moved on when the live peers ahead are at least as many as those still in
-        this worker's round (itself included): one fast peer that stopped waiting and went on
-        alone does not overrule a group that is still averaging (it repairs at the next check).
-        """
-        live = self._fresh_in_sync()
-        ahead = [r.epoch for r in live if r.epoch > epoch]
-        here = 1 + sum(1 for r in live if r.epoch == epoch and r.param_sha256 == param_sha256)
-        return max(ahead) if ahead and len(ahead) >= here else -1
+        """The epoch the swarm moved on to while this worker is still at `epoch` (-1 when it did not);
+        see `dht.records.moved_on_epoch`."""
+        return moved_on_epoch(self._fresh_in_sync(), epoch=epoch, my_hash=param_sha256)
 
     def wait_for_peers(self, *, count: int, until: float, stop: Callable[[], bool] = lambda: False) -> int:
         """Wait (until the monotonic time `until`, or `stop()`) for `count` live peers of the run, this one included."""
