@@ -103,10 +103,6 @@ class StateExchange:
             logger.warning("could not read state offers: %s", e)
             return []
 
-    def newest_epoch(self) -> int | None:
-        offers = self.others()
-        return max((o.epoch for o in offers), default=None)
-
     def fetch(
         self, *, newer_than: int, expect_shapes: dict[str, dict[str, tuple[int, ...]]], timeout: float,
         avoid_hash: str | None = None, progress: Callable[[int, int], None] | None = None,

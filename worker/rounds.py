@@ -46,6 +46,10 @@ class SwarmRounds:
     peers_seen: int
     stop_requested: bool
 
+    def _restart_round(self) -> None:
+        """Forget the current round's inner work (its steps, tokens and time): theta_g is what stands."""
+        self.inner_step, self.round_tokens, self.round_inner_s = 0, 0, 0.0
+
     def param_hash(self) -> str:
         return param_sha256(dict(zip(self.names, self.outer.params, strict=True)))
 
@@ -59,7 +63,7 @@ class SwarmRounds:
             notice(f"[bold red]the pseudo-gradient of epoch {self.epoch} is not finite: round dropped[/]")
             self.metrics.emit("round_dropped", epoch=self.epoch, reason="non-finite pseudo-gradient")
             self.outer.copy_to(self.trainer.params)
-            self.inner_step, self.round_tokens, self.round_inner_s = 0, 0, 0.0
+            self._restart_round()
             return
         # Check this worker still holds the swarm's theta_g, then tell the others whether it is ready to average.
         agreement = self.swarm.agreement(epoch=self.epoch, my_hash=self.progress.param_sha256)
@@ -223,7 +227,8 @@ class SwarmRounds:
         self.outer.load_params([global_tensors[n] for n in self.names])  # exact copies: the digest holds
         self.outer.load_state_tensors(outer_tensors)
         self.outer.copy_to(self.trainer.params)
-        self.epoch, self.round_tokens, self.round_inner_s = result.epoch, 0, 0.0
+        self.epoch = result.epoch
+        self._restart_round()  # the inner step is set below, where the others are
         self.trainer.step_count = step
         # Join the round where the others are, so this worker reaches the outer step with them.
         self.inner_step = min(self.swarm.round_position(epoch=self.epoch), self.cfg.train.inner_steps - 1)
@@ -253,5 +258,5 @@ class SwarmRounds:
             # Nobody offers a better state: go on alone rather than stall; the next round checks again.
             notice("[yellow]no peer offers the reference state; training on alone[/]")
             self.progress.in_sync = True
-            self.inner_step, self.round_tokens, self.round_inner_s = 0, 0, 0.0
+            self._restart_round()
             self.outer.copy_to(self.trainer.params)

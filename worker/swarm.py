@@ -93,10 +93,11 @@ class SwarmView:
         steps = sorted(r.inner_step for r in self.others() if r.epoch == epoch and r.in_sync)
         return steps[len(steps) // 2] if steps else 0
 
-    def _fresh_in_sync(self) -> list[ProgressRecord]:
+    def _fresh_in_sync(self, records: list[ProgressRecord] | None = None) -> list[ProgressRecord]:
+        """The live in-sync peers among `records` (default: a fresh read of the board)."""
         # A peer that stopped refreshing its record (crashed mid-round) is neither waited for nor followed.
         fresh_after = get_dht_time() - 2.5 * PUBLISH_EVERY
-        return [r for r in self.others() if r.in_sync and r.time > fresh_after]
+        return [r for r in (self.others() if records is None else records) if r.in_sync and r.time > fresh_after]
 
     def wait_for_round(
         self, *, epoch: int, param_sha256: str, inner_steps: int, until: float, stop: Callable[[], bool] = lambda: False,
@@ -109,18 +110,13 @@ class SwarmView:
         """
         while True:
             everyone_else = self.others()  # one read: both figures below must come from the same view
-            fresh_after = get_dht_time() - 2.5 * PUBLISH_EVERY
-            members = [r for r in everyone_else if r.in_sync and r.time > fresh_after and r.epoch == epoch
-                       and r.param_sha256 == param_sha256]
+            members = [r for r in self._fresh_in_sync(everyone_else)
+                       if r.epoch == epoch and r.param_sha256 == param_sha256]
             ready = [r for r in members if r.inner_step >= inner_steps]
             if len(ready) == len(members) or time.monotonic() >= until or stop():
                 return RoundMembers(ready=len(ready) + 1, everyone=len(ready) == len(everyone_else))
             self._keep_alive()
             time.sleep(0.2)
-
-    def newest_epoch(self) -> int:
-        """The newest epoch a live in-sync peer is at (-1 when there is none)."""
-        return max((r.epoch for r in self._fresh_in_sync()), default=-1)
 
     def overtaken_at(self, *, epoch: int, param_sha256: str) -> int:
         """The epoch the swarm moved on to while this worker is still at `epoch` (-1 when it did not);
