@@ -254,6 +254,7 @@ class SwarmAverager:
 
         if expected_peers is not None and (not isinstance(expected_peers, int) or expected_peers < 1):
             raise ValueError(f"expected_peers must be a positive int or None, got {expected_peers!r}")
+        target = self._round_target(expected_peers)
         ticket = RoundTicket(
             run_id=self.run_id,
             epoch=epoch,
@@ -262,13 +263,14 @@ class SwarmAverager:
             codec=self.codec.wire_name,
             schema=self._schema,
             accepts_connections=not self._client_mode,
+            group_target=target or 0,
         )
         try:
             step = backend.begin_round(
                 ticket=ticket,
                 key_prefix=round_key_prefix(self.run_id, epoch, state),
                 deadline=deadline,
-                target_group_size=self._round_target(expected_peers),
+                target_group_size=target,
             )
         except Exception as e:
             logger.warning(f"could not start an averaging round: {e!r}")

@@ -12,6 +12,8 @@ What we replace:
 * ``_allreduce`` instead of ``_aggregate_with_group``: checks the gathered tickets
   (``round.check_group``) and runs ``IdenticalAllReduce`` on two flat shared-memory
   buffers (input: read only; output: complete only on success);
+* ``rpc_join_group``: hivemind's, except that a leader whose follower expects a larger
+  group than the leader counted waits for it (see the method);
 * ``rpc_aggregate_part``: the same routing with timeouts, so a peer that opens a
   stream and stays silent cannot hold a handler forever;
 * ``_get_handle_name``: hivemind names RPC handlers after the Python class, so a
@@ -50,7 +52,7 @@ from hivemind.utils.asyncio import achain, as_aiter
 from averaging.allreduce import IdenticalAllReduce
 from averaging.compression import Codec
 from averaging.partition import Partition
-from averaging.round import RoundTicket, check_group, handler_namespace
+from averaging.round import RoundMismatch, RoundTicket, check_group, handler_namespace
 
 logger = get_logger(__name__)
 
@@ -130,6 +132,7 @@ class RoundBackend(DecentralizedAverager):
         self.chunk_numel = chunk_numel
         self.total_numel = input_flat.numel()
         self._round_lock: asyncio.Lock | None = None
+        self._round_ticket: RoundTicket | None = None
 
     # ---------------------------------------------------------------- parent side
 
@@ -201,41 +204,45 @@ class RoundBackend(DecentralizedAverager):
                 self._matchmaking.group_key_manager.prefix = key_prefix
                 # hivemind reads this on every join: a leader with this many members starts at once.
                 self._matchmaking.target_group_size = target_group_size
-                while not step.done():
-                    if get_dht_time() >= step.deadline:
-                        raise AllreduceException(f"deadline passed after {attempts} failed attempts")
-                    started = time.monotonic()
-                    try:
-                        group_info = await self._look_for_group(step)
-                    except RoundCancelled:
-                        raise
-                    except Exception as e:
-                        attempts += 1
-                        failures.append(f"matchmaking: {e!r}"[:500])
-                        del failures[:-_MAX_FAILURES_KEPT]
-                        await asyncio.sleep(_RETRY_PAUSE_S)
-                        continue
-                    finally:
-                        matchmaking_s += time.monotonic() - started
-                    if group_info is None:
-                        raise AllreduceException(
-                            f"no group formed before the deadline ({attempts} failed attempts)"
-                        )
-                    try:
-                        with self._group_registered(group_info):
-                            step.stage = AveragingStage.RUNNING_ALLREDUCE
-                            budget = min(self._allreduce_timeout, step.deadline - get_dht_time())
-                            stats = await asyncio.wait_for(
-                                self._allreduce(group_info, ticket), timeout=budget
+                self._round_ticket = ticket  # read by rpc_join_group while this round looks for a group
+                try:
+                    while not step.done():
+                        if get_dht_time() >= step.deadline:
+                            raise AllreduceException(f"deadline passed after {attempts} failed attempts")
+                        started = time.monotonic()
+                        try:
+                            group_info = await self._look_for_group(step)
+                        except RoundCancelled:
+                            raise
+                        except Exception as e:
+                            attempts += 1
+                            failures.append(f"matchmaking: {e!r}"[:500])
+                            del failures[:-_MAX_FAILURES_KEPT]
+                            await asyncio.sleep(_RETRY_PAUSE_S)
+                            continue
+                        finally:
+                            matchmaking_s += time.monotonic() - started
+                        if group_info is None:
+                            raise AllreduceException(
+                                f"no group formed before the deadline ({attempts} failed attempts)"
                             )
-                        stats.update(matchmaking_s=matchmaking_s, failures=failures)
-                        step.set_result(stats)
-                    except Exception as e:
-                        attempts += 1
-                        failures.append(f"group of {group_info.group_size}: {e!r}"[:500])
-                        del failures[:-_MAX_FAILURES_KEPT]
-                        logger.info(f"averaging attempt in a group of {group_info.group_size} failed: {e!r}")
-                        await asyncio.sleep(_RETRY_PAUSE_S)
+                        try:
+                            with self._group_registered(group_info):
+                                step.stage = AveragingStage.RUNNING_ALLREDUCE
+                                budget = min(self._allreduce_timeout, step.deadline - get_dht_time())
+                                stats = await asyncio.wait_for(
+                                    self._allreduce(group_info, ticket), timeout=budget
+                                )
+                            stats.update(matchmaking_s=matchmaking_s, failures=failures)
+                            step.set_result(stats)
+                        except Exception as e:
+                            attempts += 1
+                            failures.append(f"group of {group_info.group_size}: {e!r}"[:500])
+                            del failures[:-_MAX_FAILURES_KEPT]
+                            logger.info(f"averaging attempt in a group of {group_info.group_size} failed: {e!r}")
+                            await asyncio.sleep(_RETRY_PAUSE_S)
+                finally:
+                    self._round_ticket = None
         except Exception as e:
             if not step.done():
                 step.set_exception(AllreduceException(" / ".join([str(e), *failures[-2:]])[:2000]))
@@ -332,6 +339,37 @@ class RoundBackend(DecentralizedAverager):
             yield
         finally:
             lock.release()
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """hivemind's matchmaking, where a leader waits for as large a group as any follower expects.
+
+        Each peer counts the round's members from its own read of the progress board, and a
+        read can miss a peer whose record was written a moment ago (a newcomer that just caught
+        up). A leader that counted 2 would start with the first follower and leave the third
+        member alone; a follower's ticket that says 3 (or "wait the whole window") raises the
+        leader's target before hivemind decides whether the group is complete.
+        """
+        self._adopt_group_target(request.gather)
+        async for message in self._matchmaking.rpc_join_group(request, context):
+            yield message
+
+    def _adopt_group_target(self, gather: bytes) -> None:
+        mine, target = self._round_ticket, self._matchmaking.target_group_size
+        if mine is None or target is None:
+            return  # not in a round, or already waiting the whole matchmaking window
+        try:
+            theirs = RoundTicket.from_bytes(gather)
+        except RoundMismatch:
+            return  # refused later by check_group, with everyone else
+        if (theirs.run_id, theirs.epoch, theirs.state) != (mine.run_id, mine.epoch, mine.state):
+            return  # another round's peer: hivemind refuses it (BAD_GROUP_KEY)
+        cap = self.matchmaking_kwargs["target_group_size"]
+        wanted = theirs.group_target or None  # 0: the follower knows of members that are not ready yet
+        wanted = cap if wanted is None else wanted if cap is None else min(cap, wanted)
+        if wanted is None or wanted > target:
+            self._matchmaking.target_group_size = wanted
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext

@@ -21,8 +21,11 @@ Why the state matters: averaged pseudo-gradients applied to two different theta_
 two different results, so a group that mixed them would leave its members disagreeing
 while each believed it had averaged.
 
-The ticket also carries the peer's averaging weight (tokens processed) and whether the
-peer accepts incoming connections (reducers must).
+The ticket also carries the peer's averaging weight (tokens processed), whether the
+peer accepts incoming connections (reducers must), and the group size at which the peer
+would start the all-reduce at once (``group_target``): a leader that counted fewer
+members than a follower knows of waits for the larger group (see
+``backend.RoundBackend.rpc_join_group``).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from dataclasses import dataclass
 
 import msgpack
 
-TICKET_VERSION = 2
+TICKET_VERSION = 3
 _MAX_TICKET_BYTES = 4096
+_MAX_GROUP_TARGET = 2**16
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -79,6 +83,7 @@ class RoundTicket:
     codec: str
     schema: bytes
     accepts_connections: bool
+    group_target: int = 0  # start at once with this many members; 0: wait the whole matchmaking window
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(
@@ -91,6 +96,7 @@ class RoundTicket:
                 self.codec,
                 self.schema,
                 self.accepts_connections,
+                self.group_target,
             ],
             use_bin_type=True,
         )
@@ -104,9 +110,9 @@ class RoundTicket:
             fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except Exception as e:
             raise RoundMismatch(f"undecodable ticket: {e!r}") from None
-        if not isinstance(fields, list) or len(fields) != 8 or fields[0] != TICKET_VERSION:
+        if not isinstance(fields, list) or len(fields) != 9 or fields[0] != TICKET_VERSION:
             raise RoundMismatch("unknown ticket format")
-        _, run_id, epoch, state, weight, codec, schema, accepts = fields
+        _, run_id, epoch, state, weight, codec, schema, accepts, group_target = fields
         if isinstance(weight, int) and not isinstance(weight, bool):
             weight = float(weight)
         if not (
@@ -120,9 +126,12 @@ class RoundTicket:
             and isinstance(codec, str)
             and isinstance(schema, bytes)
             and isinstance(accepts, bool)
+            and isinstance(group_target, int)
+            and not isinstance(group_target, bool)
+            and 0 <= group_target <= _MAX_GROUP_TARGET
         ):
             raise RoundMismatch("ticket fields have wrong types or values")
-        return cls(run_id, epoch, state, weight, codec, schema, accepts)
+        return cls(run_id, epoch, state, weight, codec, schema, accepts, group_target)
 
 
 def check_group(tickets: Sequence[RoundTicket], mine: RoundTicket) -> None:

@@ -190,8 +190,10 @@ def test_partition_covers_every_value_once() -> None:
 
 
 def test_round_tickets_roundtrip_and_mismatches_are_refused() -> None:
-    mine = RoundTicket("run", 7, "ab12", 3.0, "swarm/f32", b"s", True)
+    mine = RoundTicket("run", 7, "ab12", 3.0, "swarm/f32", b"s", True, group_target=3)
     assert RoundTicket.from_bytes(mine.to_bytes()) == mine
+    with pytest.raises(RoundMismatch):  # a group target no swarm has: refused, not waited for
+        RoundTicket.from_bytes(RoundTicket("run", 7, "ab12", 3.0, "swarm/f32", b"s", True, 2**20).to_bytes())
     check_group([mine, RoundTicket("run", 7, "ab12", 1.0, "swarm/f32", b"s", False)], mine)
     for other in [
         RoundTicket("run", 9, "ab12", 1.0, "swarm/f32", b"s", True),  # other epoch
@@ -301,6 +303,30 @@ def test_a_round_starts_once_the_expected_peers_joined(dhts: list[hivemind.DHT])
     assert [r.group_size for r in results] == [2, 2], [r.failures for r in results]
     # Waiting out matchmaking_time would take 15 s; the group formed as soon as both were there.
     assert max(r.matchmaking_s for r in results) < slow["matchmaking_time"] / 2, [r.matchmaking_s for r in results]
+
+
+@pytest.mark.parametrize("newcomer_expects", [3, None], ids=["expects-3", "expects-a-full-window"])
+def test_a_leader_waits_for_the_group_its_followers_expect(
+    dhts: list[hivemind.DHT], newcomer_expects: int | None
+) -> None:
+    # Two peers whose read of the progress board missed a newcomer expect a group of 2; the newcomer
+    # expects 3 (or knows of peers not yet ready). The first to start leads (earliest expiration): with
+    # target 2 it would start with whichever follower came first and leave the other one alone.
+    slow = {**FAST, "matchmaking_time": 6.0}
+    tensors = [[torch.full((1000,), float(i))] for i in range(3)]
+    expects = [2, 2, newcomer_expects]
+    starts = [0.0, 1.5, 0.5]  # leader, then the newcomer, then the other old peer
+
+    def call(i: int) -> RoundResult:
+        time.sleep(starts[i])
+        return peers[i].average(
+            tensors[i], weight=1.0, epoch=4, deadline=get_dht_time() + 25, expected_peers=expects[i]
+        )
+
+    with averagers(dhts, shapes=[(1000,)], **slow) as peers:
+        results = run_concurrently([lambda i=i: call(i) for i in range(3)], timeout=40)
+    assert [r.group_size for r in results] == [3, 3, 3], [r.failures for r in results]
+    assert all(torch.equal(t[0], torch.full((1000,), 1.0)) for t in tensors)
 
 
 def test_lone_peer_returns_untouched_by_the_deadline(dhts: list[hivemind.DHT]) -> None:

@@ -236,7 +236,9 @@ class SwarmRounds:
         self.progress.epoch, self.progress.inner_step = self.epoch, self.inner_step
         self.progress.param_sha256, self.progress.in_sync = result.param_sha256, True
         self.peers_seen = max(self.peers_seen, len(result.donors) + 1)  # it joins them: look for a group next round
-        self.swarm.publish(self.progress, force=True)
+        # Stored before training on: the round's members count who is in it from the board, and a
+        # newcomer that joins late in a round reaches the outer step within a few inner steps.
+        self.swarm.publish(self.progress, force=True, wait=True)
         for peer, reason in result.bad_donors:
             notice(f"[bold red]donor {peer} served state that does not match its offer ({reason}); ignored[/]")
         self.metrics.emit("state_loaded", inner_step=self.inner_step, **describe(result))

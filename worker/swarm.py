@@ -51,7 +51,9 @@ class SwarmView:
         self._last_publish = 0.0
         self._progress: LocalProgress | None = None
 
-    def publish(self, progress: LocalProgress, *, force: bool = False) -> None:
+    def publish(self, progress: LocalProgress, *, force: bool = False, wait: bool = False) -> None:
+        """Store this peer's record (at most every PUBLISH_EVERY seconds unless `force`). With `wait`,
+        return only once the store is done, so that the next read by any peer sees the record."""
         self._progress = progress
         now = time.monotonic()
         if not force and now - self._last_publish < PUBLISH_EVERY:
@@ -64,7 +66,7 @@ class SwarmView:
             in_sync=progress.in_sync, time=get_dht_time(), maddrs=self.maddrs,
         )
         try:
-            self.board.publish(record, wait=False)
+            self.board.publish(record, wait=wait)
         except Exception as e:  # a DHT hiccup must never stop training
             logger.warning("could not publish progress: %s", e)
 
