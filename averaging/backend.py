@@ -20,6 +20,8 @@ What we replace:
   subclass could not talk to its base class; ours use a fixed protocol name;
 * the buffer lock is taken by polling: hivemind's ``enter_asynchronously`` takes it in
   an executor thread and leaks it if the attempt is cancelled meanwhile;
+* ``run``: sets up torch's intra-op thread pool once in the forked child, before any
+  thread could race to do it;
 * ``run_in_background``: hivemind sets SIGINT to "ignore" in the *calling* process
   and never restores it (and fails outside the main thread); we restore it;
 * ``_shutdown``: hivemind's calls ``finalize`` on futures when a group is running.
@@ -135,6 +137,14 @@ class RoundBackend(DecentralizedAverager):
         self._round_ticket: RoundTicket | None = None
 
     # ---------------------------------------------------------------- parent side
+
+    def run(self) -> None:
+        """The forked process's entry point (hivemind serves from a thread started here)."""
+        # torch replaces its intra-op thread pool in a forked child on first use, without a lock:
+        # two executor threads doing it at once can find no pool at all ("pool INTERNAL ASSERT
+        # FAILED at ParallelOpenMP.cpp", seen once from a codec call). Do it once, before any thread.
+        torch.set_num_threads(torch.get_num_threads())
+        super().run()
 
     def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
         """Start the process; it ignores SIGINT (the parent owns Ctrl-C and calls ``shutdown``)."""
