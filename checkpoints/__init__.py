@@ -1,6 +1,7 @@
 """State on disk (atomic, verified, resumable checkpoints, the run-dir lock, param_sha256) and between peers
 (snapshots a donor serves, the fetch a late joiner runs)."""
 
+from checkpoints.background import BackgroundSaver
 from checkpoints.digest import param_sha256
 from checkpoints.errors import CheckpointError, InvalidCheckpointError, RunDirLockedError
 from checkpoints.fetch import FetchResult, fetch_state, rank_offers
@@ -11,6 +12,7 @@ from checkpoints.state import TrainingState
 from checkpoints.store import CheckpointStore, LoadedCheckpoint
 
 __all__ = [
+    "BackgroundSaver",
     "CheckpointError",
     "CheckpointStore",
     "FetchResult",

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from checkpoints import (
+    BackgroundSaver,
     CheckpointError,
     CheckpointStore,
     RunDirLock,
@@ -25,6 +26,7 @@ from checkpoints import (
     param_sha256,
 )
 from checkpoints.faults import ENV_VAR
+from checkpoints.reader import read_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,6 +166,48 @@ def test_pruning_keeps_the_newest_k(tmp_path: Path) -> None:
     # An older save (say, after rolling back) is kept even though it is not among the newest.
     store.save(make_state(1))
     assert epochs(store.list()) == ["epoch-000004", "epoch-000003", "epoch-000001"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# --- background saves ----------------------------------------------------------------------
+
+
+def test_background_save_writes_the_state_as_it_was_at_submit(tmp_path: Path) -> None:
+    store = CheckpointStore(directory=tmp_path, keep=10)
+    saved: list[tuple[int, Path]] = []
+    saver = BackgroundSaver(store=store, on_saved=lambda state, path: saved.append((state.epoch, path)))
+    saver.start()
+    try:
+        live = make_state(1)
+        expected = make_state(1)  # the same values, kept aside
+        saver.submit(live)
+        for tensors in live.tensors.values():  # training goes on changing the live tensors at once
+            for tensor in tensors.values():
+                tensor.zero_()
+        live.meta["inner_step"] = 99
+        for epoch in range(2, 6):  # back to back: each waits for the previous write, none is skipped
+            saver.submit(make_state(epoch))
+        saver.flush()
+    finally:
+        saver.shutdown()
+    assert [epoch for epoch, _ in saved] == [1, 2, 3, 4, 5]
+    assert epochs(store.list()) == [f"epoch-00000{e}" for e in (5, 4, 3, 2, 1)]
+    assert_states_equal(read_checkpoint(saved[0][1])[0], expected)
+
+
+def test_a_failed_background_save_is_raised_at_the_next_call(tmp_path: Path) -> None:
+    store = CheckpointStore(directory=tmp_path, keep=10)
+    saver = BackgroundSaver(store=store, on_saved=lambda state, path: None)
+    saver.start()
+    try:
+        saver.submit(make_state(1, bad={1, 2}))  # a set: not msgpack, refused by the store on the writer thread
+        with pytest.raises(CheckpointError, match="meta"):
+            saver.flush()
+        saver.submit(make_state(2))  # the saver goes on: the error was reported once
+        saver.flush()
+    finally:
+        saver.shutdown()
+    assert epochs(store.list()) == ["epoch-000002"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -8,6 +8,7 @@ that a reader never waits for a buffer and a crash loses at most one line.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -17,6 +18,7 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: TextIO | None = None
+        self._lock = threading.Lock()  # the checkpoint writer's thread emits too: whole lines only
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,14 +26,17 @@ class MetricsLog:
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "time": time.time(), **fields}
-        if self._file is not None:
-            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with self._lock:
+            if self._file is not None:
+                self._file.write(line)
         return record
 
     def shutdown(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def read_metrics(path: Path, event: str | None = None) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 
 from averaging.outer import OuterOptimizer
 from checkpoints import (
+    BackgroundSaver,
     CheckpointStore,
     RunDirLock,
     TrainingState,
@@ -96,6 +97,9 @@ class Worker(SwarmRounds):
         (self.run_dir / "peer.json").unlink(missing_ok=True)
         # Only after the lock: the store clears half-written checkpoints left by a crash.
         self.store = CheckpointStore(directory=self.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
+        # Every save goes through the saver (the store has one writer); the loop's saves do not wait for the disk.
+        self.saver = BackgroundSaver(store=self.store, on_saved=self._checkpoint_saved)
+        self.saver.start()
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         # Build the model first (cheap, no CUDA yet) so a shape mismatch is refused before joining anyone.
@@ -203,6 +207,10 @@ class Worker(SwarmRounds):
 
     def shutdown(self) -> None:
         try:
+            saver = getattr(self, "saver", None)
+            # A forced stop does not wait for a write in progress: its temp dir is cleared at the next start.
+            if saver is not None and not self._forced:
+                saver.shutdown()  # a failed background write is raised here
             # After a forced stop the state may be half-updated: the last checkpoint stands.
             if self._started and not self._forced and self._saved_at != (self.epoch, self.inner_step):
                 self.save_checkpoint()
@@ -254,7 +262,7 @@ class Worker(SwarmRounds):
                     break
                 self._outer_step()
                 if not self.stop_requested and self.epoch % cfg.run.checkpoint_every == 0:
-                    self.save_checkpoint()
+                    self.save_checkpoint(background=True)
         finally:
             progress.shutdown()
 
@@ -311,11 +319,19 @@ class Worker(SwarmRounds):
         }
         return TrainingState(epoch=self.epoch, tensors=tensors, meta=meta)
 
-    def save_checkpoint(self) -> Path:
-        path = self.store.save(self._state())
-        self._saved_at = (self.epoch, self.inner_step)
-        self.metrics.emit("checkpoint_saved", epoch=self.epoch, inner_step=self.inner_step, path=str(path))
-        return path
+    def save_checkpoint(self, *, background: bool = False) -> None:
+        """Save the current state: at once, or (`background`) from a snapshot while training goes on."""
+        if background:
+            self.saver.submit(self._state())
+            return
+        self.saver.flush()  # one writer at a time
+        state = self._state()
+        self._checkpoint_saved(state, self.store.save(state))
+
+    def _checkpoint_saved(self, state: TrainingState, path: Path) -> None:
+        # Called on the saver's thread too: one assignment, and MetricsLog takes its own lock.
+        self._saved_at = (state.epoch, state.inner_step)
+        self.metrics.emit("checkpoint_saved", epoch=state.epoch, inner_step=state.inner_step, path=str(path))
 
     def _load_from_disk(self) -> None:
         began = time.perf_counter()
