@@ -49,6 +49,9 @@ class RunConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1)
     """How many checkpoints to keep in the run dir; older ones are pruned."""
 
+    background_checkpoints: bool = True
+    """Write each epoch's checkpoint from a snapshot while training goes on (one more copy of the state in host memory); off: training waits for the disk."""
+
     threads: int = Field(0, ge=0)
     """torch CPU threads for this worker; 0 leaves torch's default."""
 

@@ -262,7 +262,7 @@ class Worker(SwarmRounds):
                     break
                 self._outer_step()
                 if not self.stop_requested and self.epoch % cfg.run.checkpoint_every == 0:
-                    self.save_checkpoint(background=True)
+                    self.save_checkpoint(background=cfg.run.background_checkpoints)
         finally:
             progress.shutdown()
 
