@@ -312,10 +312,10 @@ def test_a_leader_waits_for_the_group_its_followers_expect(
     # Two peers whose read of the progress board missed a newcomer expect a group of 2; the newcomer
     # expects 3 (or knows of peers not yet ready). The first to start leads (earliest expiration): with
     # target 2 it would start with whichever follower came first and leave the other one alone.
-    slow = {**FAST, "matchmaking_time": 6.0}
+    slow = {**FAST, "matchmaking_time": 8.0}
     tensors = [[torch.full((1000,), float(i))] for i in range(3)]
     expects = [2, 2, newcomer_expects]
-    starts = [0.0, 1.5, 0.5]  # leader, then the newcomer, then the other old peer
+    starts = [0.0, 3.0, 0.5]  # leader, then the newcomer, then (well inside the window) the other old peer
 
     def call(i: int) -> RoundResult:
         time.sleep(starts[i])
