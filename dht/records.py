@@ -146,3 +146,22 @@ def moved_on_epoch(records: list[ProgressRecord], *, epoch: int, my_hash: str) -
     ahead = [r.epoch for r in records if r.epoch > epoch]
     here = 1 + sum(1 for r in records if r.epoch == epoch and r.param_sha256 == my_hash)
     return max(ahead) if ahead and len(ahead) >= here else -1
+
+
+def vouched_state(records: list[ProgressRecord]) -> tuple[int, str] | None:
+    """The (epoch, theta_g hash) that the live peers' records vouch for; None when there are none.
+
+    `records` are the other live in-sync peers. The epoch is the newest one that more than half
+    of them have reached, so a minority claiming a newer epoch (a forged offer, or one fast peer
+    that went on alone) cannot pull anyone onto its state; the hash is the one most peers at that
+    epoch hold (a tie goes to the smallest, as in `check_agreement`). A worker that is behind only
+    loads a state offered with exactly this claim. While the swarm is moving to the next epoch this
+    can name the one before; the worker then finds itself overtaken and fetches again.
+    """
+    if not records:
+        return None
+    epochs = sorted((r.epoch for r in records), reverse=True)
+    epoch = epochs[len(epochs) // 2]  # more than half of the records are at this epoch or past it
+    counts = Counter(r.param_sha256 for r in records if r.epoch == epoch)
+    reference, _ = min(counts.items(), key=lambda item: (-item[1], item[0]))
+    return epoch, reference

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import events, start_worker, stop, wait_for
+from tests.helpers import events, start_worker, stop, wait_for, worker_env
 from tests.test_swarm import SWARM, join_args
+from worker.faults import FORGED_EPOCHS_AHEAD
 
 
 def outer_epochs(run_dir: Path) -> list[int]:
@@ -41,6 +42,33 @@ def test_late_joiner_fetches_the_state_and_agrees_at_its_first_round(tmp_path: P
     assert first["param_sha256"] == a_hashes[first["epoch"]]  # ...and ended it with the same theta_g
     assert all(r["param_sha256"] == a_hashes[r["epoch"]] for r in events(late, "outer_step") if r["epoch"] in a_hashes)
     assert not events(late, "desync")
+
+
+@pytest.mark.slow
+def test_a_forged_offer_is_never_loaded(tmp_path: Path, procs: list) -> None:
+    honest, forger, late = tmp_path / "honest", tmp_path / "forger", tmp_path / "late"
+    common = [*SWARM, "--max-epochs", "0"]
+    procs.append(start_worker(honest, *common, "--min-peers", "2"))
+    entry = join_args(honest)
+    # A signed, self-consistent offer of other parameters at a far-future epoch: the newest offer there is.
+    procs.append(start_worker(forger, *common, "--min-peers", "2", *entry,
+                              env=worker_env(DILOCO_FAULT="forge_offer@1+")))
+    wait_for(lambda: max(outer_epochs(honest), default=0) >= 2, timeout=180, what="the swarm to reach epoch 2")
+    procs.append(start_worker(late, *common, *entry))
+    wait_for(lambda: len(outer_epochs(late)) >= 2, timeout=180, what="the newcomer's first rounds")
+    for proc in procs:
+        assert stop(proc) == 0
+    assert "offering a forged state" in (forger / "worker.log").read_text()  # the fault did fire
+    # Nobody else vouches for the forged claim: the newcomer took the swarm's state instead.
+    # (The forger's own theta_g is the swarm's: only its offers lie.)
+    swarm_hashes = {r["epoch"]: r["param_sha256"] for d in (honest, forger) for r in events(d, "outer_step")}
+    loaded = events(late, "state_loaded")
+    assert loaded and all(r["source"] == "peer" and r["epoch"] < FORGED_EPOCHS_AHEAD for r in loaded)
+    assert all(r["param_sha256"] == swarm_hashes[r["epoch"]] for r in loaded)
+    first = events(late, "outer_step")[0]
+    assert first["param_sha256"] == swarm_hashes[first["epoch"]]
+    for run_dir in (honest, forger):  # and neither did anyone in the swarm
+        assert all(r["epoch"] < FORGED_EPOCHS_AHEAD for r in events(run_dir, "state_loaded"))
 
 
 def first_round_after_last_fetch(run_dir: Path) -> dict:

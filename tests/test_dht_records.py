@@ -18,6 +18,7 @@ from dht.records import (
     load_or_create_record_key,
     moved_on_epoch,
     record_validators,
+    vouched_state,
 )
 
 
@@ -55,6 +56,20 @@ def test_the_swarm_moved_on_only_when_those_ahead_are_not_outnumbered() -> None:
     # Peers at the same epoch on another theta_g are not in this round; nobody ahead: nothing to follow.
     assert moved_on_epoch([record("p1", 7, b)], epoch=7, my_hash=a) == -1
     assert moved_on_epoch([], epoch=7, my_hash=a) == -1
+
+
+def test_the_state_to_fetch_is_the_one_a_majority_vouches_for() -> None:
+    a, b, z = "a" * 64, "b" * 64, "f" * 64
+    assert vouched_state([]) is None
+    assert vouched_state([record("p1", 5, a)]) == (5, a)
+    # One peer claiming a far-future epoch is outvoted by the two that are not there.
+    assert vouched_state([record("p1", 5, a), record("p2", 5, a), record("liar", 10**6, z)]) == (5, a)
+    # Half the swarm ahead is not a majority: the epoch before (the worker is then overtaken and fetches again).
+    assert vouched_state([record("p1", 6, b), record("p2", 5, a)]) == (5, a)
+    assert vouched_state([record("p1", 6, b), record("p2", 6, b), record("p3", 5, a)]) == (6, b)
+    # At that epoch, the hash most peers hold (a tie to the smallest, as check_agreement decides).
+    assert vouched_state([record("p1", 5, b), record("p2", 5, a), record("p3", 5, b)]) == (5, b)
+    assert vouched_state([record("p1", 5, b), record("p2", 5, a)]) == (5, a)
 
 
 def test_records_are_signed_and_cannot_be_overwritten_by_another_peer(tmp_path: Path) -> None:

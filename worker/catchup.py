@@ -104,21 +104,24 @@ class StateExchange:
             return []
 
     def fetch(
-        self, *, newer_than: int, expect_shapes: dict[str, dict[str, tuple[int, ...]]], timeout: float,
-        avoid_hash: str | None = None, progress: Callable[[int, int], None] | None = None,
+        self, *, vouched: tuple[int, str] | None, newer_than: int, expect_shapes: dict[str, dict[str, tuple[int, ...]]],
+        timeout: float, avoid_hash: str | None = None, progress: Callable[[int, int], None] | None = None,
     ) -> FetchResult | None:
-        """Fetch the newest offered state of an epoch above `newer_than` (or equal, when `avoid_hash` is
-        set and the offer's hash differs from it: the repair of a peer whose theta_g disagrees).
+        """Fetch the state the swarm vouches for (`vouched`: its epoch and theta_g hash, see
+        `dht.records.vouched_state`) if its epoch is above `newer_than` (or equal, when `avoid_hash` is
+        set and the hash differs from it: the repair of a peer whose theta_g disagrees).
 
-        Returns None when nobody offers such a state. Raises StateTransferError when offers exist but
-        no donor could deliver a verified copy.
+        Offers that claim anything else are not fetched: a signed offer only proves who made it, not
+        that the swarm holds it. Returns None when there is nothing to fetch or nobody offers it yet.
+        Raises StateTransferError when offers exist but no donor could deliver a verified copy.
         """
-        offers = [
-            o for o in self.others()
-            if o.manifest_sha256 not in self._refused
-            and (o.epoch > newer_than
-                 or (avoid_hash is not None and o.epoch == newer_than and o.param_sha256 != avoid_hash))
-        ]
+        if vouched is None:
+            return None
+        epoch, digest = vouched
+        if not (epoch > newer_than or (avoid_hash is not None and epoch == newer_than and digest != avoid_hash)):
+            return None
+        offers = [o for o in self.others()
+                  if o.manifest_sha256 not in self._refused and (o.epoch, o.param_sha256) == vouched]
         if not offers:
             return None
         # The worker hashes theta_g right after loading anyway (its progress record carries the hash), so

@@ -21,7 +21,7 @@ from checkpoints import FetchResult, StateTransferError, param_sha256
 from worker.catchup import SharedState, StateExchange, describe
 from worker.config import WorkerConfig
 from worker.console import DownloadProgress, notice
-from worker.faults import fault_at
+from worker.faults import FORGED_EPOCHS_AHEAD, fault_at, forged
 from worker.metrics import MetricsLog
 from worker.swarm import LocalProgress, SwarmView
 from worker.train import InnerTrainer
@@ -176,7 +176,11 @@ class SwarmRounds:
 
     def _offer_state(self) -> None:
         if self.progress.in_sync and self.exchange is not None:
-            self.exchange.offer(self._shared_state())
+            state = self._shared_state()
+            if fault_at("forge_offer", self.epoch):
+                notice(f"fault injected: offering a forged state for epoch {self.epoch + FORGED_EPOCHS_AHEAD}")
+                state = forged(state)
+            self.exchange.offer(state)
 
     def _expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         shapes = {"global": {n: tuple(p.shape) for n, p in zip(self.names, self.outer.params, strict=True)}}
@@ -194,18 +198,25 @@ class SwarmRounds:
             try:
                 with DownloadProgress(enabled=self.cfg.run.progress and sys.stderr.isatty(),
                                       description="fetching the swarm's state") as bar:
-                    result = self.exchange.fetch(newer_than=self.epoch, expect_shapes=self._expected_shapes(),
-                                                 timeout=self.cfg.swarm.fetch_timeout, avoid_hash=avoid_hash, progress=bar)
-                if result is not None:
-                    self._load_fetched(result)
+                    result = self.exchange.fetch(vouched=self.swarm.vouched_state(), newer_than=self.epoch,
+                                                 expect_shapes=self._expected_shapes(), timeout=self.cfg.swarm.fetch_timeout,
+                                                 avoid_hash=avoid_hash, progress=bar)
             except StateTransferError as e:
-                notice(f"[yellow]could not fetch the swarm's state: {e}[/]")
-                self.metrics.emit("state_fetch_failed", epoch=self.epoch, reason=str(e))
-                break
+                self._fetch_failed(e)
+                break  # no donor delivered: the caller tries again later
             if result is None:
                 break
+            try:
+                self._load_fetched(result)
+            except StateTransferError as e:
+                self._fetch_failed(e)
+                continue  # refused: that snapshot is not fetched again, the next try takes another offer
             fetched, avoid_hash = True, None
         return fetched
+
+    def _fetch_failed(self, error: StateTransferError) -> None:
+        notice(f"[yellow]could not fetch the swarm's state: {error}[/]")
+        self.metrics.emit("state_fetch_failed", epoch=self.epoch, reason=str(error))
 
     def _load_fetched(self, result: FetchResult) -> None:
         global_tensors = result.tensors["global"]

@@ -15,7 +15,15 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
-from dht.records import RECORD_TTL, Agreement, ProgressBoard, ProgressRecord, check_agreement, moved_on_epoch
+from dht.records import (
+    RECORD_TTL,
+    Agreement,
+    ProgressBoard,
+    ProgressRecord,
+    check_agreement,
+    moved_on_epoch,
+    vouched_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +127,10 @@ class SwarmView:
                 return RoundMembers(ready=len(ready) + 1, everyone=len(ready) == len(everyone_else))
             self._keep_alive()
             time.sleep(0.2)
+
+    def vouched_state(self) -> tuple[int, str] | None:
+        """The (epoch, theta_g hash) the live peers vouch for; see `dht.records.vouched_state`."""
+        return vouched_state(self._fresh_in_sync())
 
     def overtaken_at(self, *, epoch: int, param_sha256: str) -> int:
         """The epoch the swarm moved on to while this worker is still at `epoch` (-1 when it did not);
