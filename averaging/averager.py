@@ -31,6 +31,7 @@ from hivemind.utils import get_dht_time, get_logger
 from averaging.backend import RoundBackend
 from averaging.compression import all_finite, get_codec
 from averaging.round import RoundTicket, round_key_prefix, schema_digest
+from averaging.settings import RoundSettings
 
 logger = get_logger(__name__)
 
@@ -65,7 +66,7 @@ class SwarmAverager:
     The background process forks and keeps the tensors in shared memory: create and
     ``start`` it (like the DHT) before CUDA is touched.
 
-    Timeouts, and how they must relate (checked here):
+    Timeouts, and how they must relate (checked by ``averaging.settings.RoundSettings``):
 
     * ``request_timeout`` < ``matchmaking_time``: a follower waits at most
       ``request_timeout`` for a leader's answer; a leader waits ``matchmaking_time``
@@ -123,20 +124,17 @@ class SwarmAverager:
             raise ValueError("run_id must be a non-empty string")
         if not template or any(t.dtype != torch.float32 for t in template):
             raise ValueError("template must be a non-empty list of float32 tensors")
-        if not 0 < request_timeout < matchmaking_time:
-            raise ValueError(
-                f"need 0 < request_timeout ({request_timeout}) < matchmaking_time ({matchmaking_time})"
-            )
-        if not 0 < 2 * next_chunk_timeout <= allreduce_timeout:
-            raise ValueError(
-                f"need 0 < 2 * next_chunk_timeout ({next_chunk_timeout}) <= allreduce_timeout ({allreduce_timeout})"
-            )
-        if min_group_size < 2 or (target_group_size is not None and target_group_size < min_group_size):
-            raise ValueError(
-                f"need 2 <= min_group_size ({min_group_size}) <= target_group_size ({target_group_size})"
-            )
-        if chunk_numel <= 0 or chunk_numel % 64:
-            raise ValueError(f"chunk_numel must be a positive multiple of 64, got {chunk_numel}")
+        # Checks how the timeouts and group sizes relate (ValueError otherwise).
+        self.settings = RoundSettings(
+            matchmaking_time=matchmaking_time,
+            request_timeout=request_timeout,
+            allreduce_timeout=allreduce_timeout,
+            next_chunk_timeout=next_chunk_timeout,
+            target_group_size=target_group_size,
+            min_group_size=min_group_size,
+            chunk_numel=chunk_numel,
+            shutdown_timeout=shutdown_timeout,
+        )
         self.dht, self.run_id = dht, run_id
         self.shapes = [tuple(t.shape) for t in template]
         self._numels = [math.prod(shape) for shape in self.shapes]
@@ -145,18 +143,6 @@ class SwarmAverager:
         self.compression = compression
         self._schema = schema_digest(self.shapes, self.codec.wire_name)
         self._client_mode = dht.client_mode if client_mode is None else client_mode
-        self._request_timeout = request_timeout
-        self._backend_kwargs = dict(
-            chunk_numel=chunk_numel,
-            matchmaking_time=matchmaking_time,
-            request_timeout=request_timeout,
-            allreduce_timeout=allreduce_timeout,
-            next_chunk_timeout=next_chunk_timeout,
-            target_group_size=target_group_size,
-            min_group_size=min_group_size,
-            client_mode=self._client_mode,
-            shutdown_timeout=shutdown_timeout,
-        )
         self._backend: RoundBackend | None = None
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
@@ -179,7 +165,8 @@ class SwarmAverager:
             output_flat=self._output,
             schema=self._schema,
             codec=self.codec,
-            **self._backend_kwargs,
+            settings=self.settings,
+            client_mode=self._client_mode,
         )
         backend.run_in_background(await_ready=True, timeout=60.0)
         self._backend = backend
@@ -254,7 +241,7 @@ class SwarmAverager:
 
         if expected_peers is not None and (not isinstance(expected_peers, int) or expected_peers < 1):
             raise ValueError(f"expected_peers must be a positive int or None, got {expected_peers!r}")
-        target = self._round_target(expected_peers)
+        target = self.settings.round_target(expected_peers)
         ticket = RoundTicket(
             run_id=self.run_id,
             epoch=epoch,
@@ -301,11 +288,11 @@ class SwarmAverager:
 
     def _wait(self, step: StepControl, *, deadline: float, give_up: Callable[[], bool] | None) -> dict[str, Any]:
         """The round's statistics; raises what the round raised, or TimeoutError / RoundAbandoned."""
-        latest = deadline + self._request_timeout + 1.0
+        latest = deadline + self.settings.request_timeout + 1.0
         while True:
             left = latest - get_dht_time()
             if left <= 0:
-                raise TimeoutError(f"no result {self._request_timeout + 1.0:.1f}s after the deadline")
+                raise TimeoutError(f"no result {self.settings.request_timeout + 1.0:.1f}s after the deadline")
             try:
                 return step.result(timeout=min(_POLL_S, left) if give_up is not None else left)
             except TimeoutError:
@@ -316,13 +303,6 @@ class SwarmAverager:
             if (give_up is not None and step.stage != AveragingStage.RUNNING_ALLREDUCE and give_up()
                     and step.stage != AveragingStage.RUNNING_ALLREDUCE and not step.done()):
                 raise RoundAbandoned("the caller gave up on the round")
-
-    def _round_target(self, expected_peers: int | None) -> int | None:
-        """The group size at which this round's leader starts at once (None: after matchmaking_time)."""
-        cap = self._backend_kwargs["target_group_size"]
-        if expected_peers is None or expected_peers < self._backend_kwargs["min_group_size"]:
-            return cap
-        return expected_peers if cap is None else min(cap, expected_peers)
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [part.view(shape) for part, shape in zip(flat.split(self._numels), self.shapes, strict=True)]

@@ -55,6 +55,7 @@ from averaging.allreduce import IdenticalAllReduce
 from averaging.compression import Codec
 from averaging.partition import Partition
 from averaging.round import RoundMismatch, RoundTicket, check_group, handler_namespace
+from averaging.settings import RoundSettings
 
 logger = get_logger(__name__)
 
@@ -102,36 +103,29 @@ class RoundBackend(DecentralizedAverager):
         output_flat: torch.Tensor,
         schema: bytes,
         codec: Codec,
-        chunk_numel: int,
-        matchmaking_time: float,
-        request_timeout: float,
-        allreduce_timeout: float,
-        next_chunk_timeout: float,
-        target_group_size: int | None,
-        min_group_size: int,
-        client_mode: bool | None,
-        shutdown_timeout: float,
+        settings: RoundSettings,
+        client_mode: bool,
     ) -> None:
         super().__init__(
             averaged_tensors=[input_flat, output_flat],
             dht=dht,
             start=False,
             prefix=handler_namespace(run_id),
-            target_group_size=target_group_size,
-            min_group_size=min_group_size,
-            min_matchmaking_time=matchmaking_time,
-            request_timeout=request_timeout,
-            allreduce_timeout=allreduce_timeout,
-            sender_timeout=next_chunk_timeout,
-            reducer_timeout=2 * next_chunk_timeout,
+            target_group_size=settings.target_group_size,
+            min_group_size=settings.min_group_size,
+            min_matchmaking_time=settings.matchmaking_time,
+            request_timeout=settings.request_timeout,
+            allreduce_timeout=settings.allreduce_timeout,
+            sender_timeout=settings.next_chunk_timeout,
+            reducer_timeout=2 * settings.next_chunk_timeout,
             allow_state_sharing=False,
             client_mode=client_mode,
-            shutdown_timeout=shutdown_timeout,
+            shutdown_timeout=settings.shutdown_timeout,
         )
         # hivemind compares schema_hash in matchmaking: ours covers the template's shapes and the codec.
         self.schema_hash = schema
         self.codec = codec
-        self.chunk_numel = chunk_numel
+        self.settings = settings
         self.total_numel = input_flat.numel()
         self._round_lock: asyncio.Lock | None = None
         self._round_ticket: RoundTicket | None = None
@@ -162,7 +156,7 @@ class RoundBackend(DecentralizedAverager):
         self, *, ticket: RoundTicket, key_prefix: str, deadline: float, target_group_size: int | None
     ) -> StepControl:
         """Ask the process to run one round; returns a future of the round's statistics (a dict)."""
-        scheduled_time = min(get_dht_time() + self.matchmaking_kwargs["min_matchmaking_time"], deadline)
+        scheduled_time = min(get_dht_time() + self.settings.matchmaking_time, deadline)
         step = StepControl(
             scheduled_time=scheduled_time,
             deadline=deadline,
@@ -184,7 +178,7 @@ class RoundBackend(DecentralizedAverager):
                 ),
             )
         )
-        step.attach(*future_for_init.result(timeout=max(5.0, self.matchmaking_kwargs["request_timeout"])))
+        step.attach(*future_for_init.result(timeout=max(5.0, self.settings.request_timeout)))
         step.allow_allreduce()
         return step
 
@@ -239,7 +233,7 @@ class RoundBackend(DecentralizedAverager):
                         try:
                             with self._group_registered(group_info):
                                 step.stage = AveragingStage.RUNNING_ALLREDUCE
-                                budget = min(self._allreduce_timeout, step.deadline - get_dht_time())
+                                budget = min(self.settings.allreduce_timeout, step.deadline - get_dht_time())
                                 stats = await asyncio.wait_for(
                                     self._allreduce(group_info, ticket), timeout=budget
                                 )
@@ -301,9 +295,9 @@ class RoundBackend(DecentralizedAverager):
         tickets = [RoundTicket.from_bytes(data) for data in group_info.gathered]
         check_group(tickets, ticket)  # every member takes the same decision from the same tickets
         partition = Partition.build(
-            self.total_numel, [int(t.accepts_connections) for t in tickets], chunk_numel=self.chunk_numel
+            self.total_numel, [int(t.accepts_connections) for t in tickets], chunk_numel=self.settings.chunk_numel
         )
-        async with self._buffers_locked(timeout=self.allreduce_kwargs["sender_timeout"]):
+        async with self._buffers_locked(timeout=self.settings.next_chunk_timeout):
             input_flat, output_flat = self._averaged_tensors
             runner = self.runner_type(
                 p2p=self._p2p,
@@ -316,8 +310,8 @@ class RoundBackend(DecentralizedAverager):
                 input_flat=input_flat,
                 output_flat=output_flat,
                 codec=self.codec,
-                sender_timeout=self.allreduce_kwargs["sender_timeout"],
-                reducer_timeout=self.allreduce_kwargs["reducer_timeout"],
+                sender_timeout=self.settings.next_chunk_timeout,
+                reducer_timeout=2 * self.settings.next_chunk_timeout,
             )
             self._running_groups[group_info.group_id].set_result(runner)
             started = time.monotonic()
@@ -375,17 +369,13 @@ class RoundBackend(DecentralizedAverager):
             return  # refused later by check_group, with everyone else
         if (theirs.run_id, theirs.epoch, theirs.state) != (mine.run_id, mine.epoch, mine.state):
             return  # another round's peer: hivemind refuses it (BAD_GROUP_KEY)
-        cap = self.matchmaking_kwargs["target_group_size"]
-        wanted = theirs.group_target or None  # 0: the follower knows of members that are not ready yet
-        wanted = cap if wanted is None else wanted if cap is None else min(cap, wanted)
-        if wanted is None or wanted > target:
-            self._matchmaking.target_group_size = wanted
+        self._matchmaking.target_group_size = self.settings.widened_target(target, theirs.group_target)
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         """Route a member's stream to the runner of its group (hivemind's routing, with timeouts)."""
-        timeout = self.allreduce_kwargs["sender_timeout"]
+        timeout = self.settings.next_chunk_timeout
         try:
             request = await asyncio.wait_for(stream.__anext__(), timeout)
         except (TimeoutError, StopAsyncIteration):

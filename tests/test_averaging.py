@@ -35,6 +35,7 @@ from averaging.allreduce import IdenticalAllReduce
 from averaging.backend import RoundBackend
 from averaging.partition import Partition
 from averaging.round import RoundMismatch, RoundTicket, check_group, round_key_prefix
+from averaging.settings import RoundSettings
 
 torch.set_num_threads(1)
 
@@ -339,6 +340,15 @@ def test_lone_peer_returns_untouched_by_the_deadline(dhts: list[hivemind.DHT]) -
     assert result.group_size == 1 and result.peer_ids == [peer.peer_id]
     assert digest(tensors) == before
     assert 2.5 < elapsed < 3.0 + FAST["request_timeout"] + 1.0
+
+
+def test_a_leader_target_only_widens_and_stays_under_the_cap() -> None:
+    uncapped, capped = RoundSettings(), RoundSettings(target_group_size=4)
+    assert uncapped.round_target(None) is None and uncapped.round_target(3) == 3 and capped.round_target(8) == 4
+    assert uncapped.round_target(1) is None  # alone is not a group: no early start
+    assert uncapped.widened_target(2, 3) == 3 and uncapped.widened_target(3, 2) == 3  # never narrower
+    assert uncapped.widened_target(2, 0) is None and capped.widened_target(2, 0) == 4  # 0: the whole window
+    assert capped.widened_target(2, 100) == 4 and uncapped.widened_target(None, 3) is None
 
 
 def test_invalid_arguments_are_refused(dhts: list[hivemind.DHT]) -> None:
