@@ -353,23 +353,30 @@ class RoundBackend(DecentralizedAverager):
         read can miss a peer whose record was written a moment ago (a newcomer that just caught
         up). A leader that counted 2 would start with the first follower and leave the third
         member alone; a follower's ticket that says 3 (or "wait the whole window") raises the
-        leader's target before hivemind decides whether the group is complete.
+        leader's target before hivemind decides whether the group is complete. This helps when such
+        a follower reaches the leader before the group is complete; a leader and followers that all
+        missed the newcomer still start without it (it then finds itself overtaken and fetches the
+        round's result). The raised target holds for the rest of the round (bounded by
+        ``matchmaking_time`` per attempt, as without a target).
         """
-        self._adopt_group_target(request.gather)
+        self._adopt_group_target(request)
         async for message in self._matchmaking.rpc_join_group(request, context):
             yield message
 
-    def _adopt_group_target(self, gather: bytes) -> None:
-        mine, target = self._round_ticket, self._matchmaking.target_group_size
-        if mine is None or target is None:
+    def _adopt_group_target(self, request: averaging_pb2.JoinRequest) -> None:
+        matchmaking, mine = self._matchmaking, self._round_ticket
+        if mine is None or matchmaking.target_group_size is None:
             return  # not in a round, or already waiting the whole matchmaking window
+        if (not matchmaking.is_looking_for_group or matchmaking.assembled_group.done()
+                or request.schema_hash != self.schema_hash):
+            return  # hivemind refuses this request: it must not change the group either
         try:
-            theirs = RoundTicket.from_bytes(gather)
+            theirs = RoundTicket.from_bytes(request.gather)
         except RoundMismatch:
             return  # refused later by check_group, with everyone else
         if (theirs.run_id, theirs.epoch, theirs.state) != (mine.run_id, mine.epoch, mine.state):
             return  # another round's peer: hivemind refuses it (BAD_GROUP_KEY)
-        self._matchmaking.target_group_size = self.settings.widened_target(target, theirs.group_target)
+        matchmaking.target_group_size = self.settings.widened_target(matchmaking.target_group_size, theirs.group_target)
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext

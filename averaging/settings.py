@@ -1,8 +1,8 @@
 """``RoundSettings``: how one peer looks for groups and runs its all-reduces, checked once.
 
-``SwarmAverager`` builds it from its keyword arguments and hands it to its background
-process (``backend.RoundBackend``), so the timeouts and group sizes are listed, documented
-and checked in one place.
+``SwarmAverager`` builds it from its keyword arguments (same names, same defaults) and hands
+it to its background process (``backend.RoundBackend``): the relations between the timeouts
+are checked in one place, and the process takes one object instead of a keyword list.
 """
 
 from __future__ import annotations

@@ -71,6 +71,12 @@ class BackgroundSaver:
             self._pending, self._busy = taken, True
             self._cond.notify_all()
 
+    @property
+    def writing(self) -> bool:
+        """A write is in progress (or handed over and about to start)."""
+        with self._cond:
+            return self._busy
+
     def flush(self) -> None:
         """Wait until every submitted checkpoint is written; raises the error of a failed write."""
         self._wait_idle()

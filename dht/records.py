@@ -135,33 +135,18 @@ def check_agreement(records: list[ProgressRecord], *, epoch: int, my_peer_id: st
     return Agreement(epoch=epoch, majority_hash=reference, votes=votes, peers=len(at_epoch), mine_agrees=my_hash == reference)
 
 
-def moved_on_epoch(records: list[ProgressRecord], *, epoch: int, my_hash: str) -> int:
-    """The epoch the swarm moved on to while this peer is still at `epoch` with `my_hash` (-1 when it did not).
-
-    `records` are the other live in-sync peers. The swarm moved on when the peers ahead
-    are at least as many as those still in this peer's round (itself included): one fast
-    peer that stopped waiting and went on alone does not overrule a group still averaging
-    (it is the one that repairs, at the next agreement check).
-    """
-    ahead = [r.epoch for r in records if r.epoch > epoch]
-    here = 1 + sum(1 for r in records if r.epoch == epoch and r.param_sha256 == my_hash)
-    return max(ahead) if ahead and len(ahead) >= here else -1
-
-
 def vouched_state(records: list[ProgressRecord]) -> tuple[int, str] | None:
-    """The (epoch, theta_g hash) that the live peers' records vouch for; None when there are none.
+    """The (epoch, theta_g hash) that more than half of the live peers' records hold; None when no
+    claim has such a majority (no records, or the swarm is between two epochs: ask again shortly).
 
-    `records` are the other live in-sync peers. The epoch is the newest one that more than half
-    of them have reached, so a minority claiming a newer epoch (a forged offer, or one fast peer
-    that went on alone) cannot pull anyone onto its state; the hash is the one most peers at that
-    epoch hold (a tie goes to the smallest, as in `check_agreement`). A worker that is behind only
-    loads a state offered with exactly this claim. While the swarm is moving to the next epoch this
-    can name the one before; the worker then finds itself overtaken and fetches again.
+    `records` are the other live in-sync peers. A worker that is behind only loads a state offered
+    with exactly this claim, and counts itself overtaken only when this claim is ahead of it: a
+    signed offer only proves who made it, and a minority (a forged offer, one fast peer that went
+    on alone) cannot pull anyone onto its state. A majority of signing keys is all this rule can
+    check: a Sybil attacker with more keys than the honest peers is beyond it.
     """
-    if not records:
+    claims = Counter((r.epoch, r.param_sha256) for r in records)
+    if not claims:
         return None
-    epochs = sorted((r.epoch for r in records), reverse=True)
-    epoch = epochs[len(epochs) // 2]  # more than half of the records are at this epoch or past it
-    counts = Counter(r.param_sha256 for r in records if r.epoch == epoch)
-    reference, _ = min(counts.items(), key=lambda item: (-item[1], item[0]))
-    return epoch, reference
+    claim, votes = claims.most_common(1)[0]
+    return claim if 2 * votes > len(records) else None

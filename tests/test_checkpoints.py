@@ -10,8 +10,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -172,8 +174,20 @@ def test_pruning_keeps_the_newest_k(tmp_path: Path) -> None:
 # --- background saves ----------------------------------------------------------------------
 
 
+class GatedStore(CheckpointStore):
+    """A real store whose writes start only when the test opens the gate."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+
+    def save(self, state: TrainingState, *, tag: str | None = None) -> Path:
+        assert self.gate.wait(timeout=30), "the test never opened the gate"
+        return super().save(state, tag=tag)
+
+
 def test_background_save_writes_the_state_as_it_was_at_submit(tmp_path: Path) -> None:
-    store = CheckpointStore(directory=tmp_path, keep=10)
+    store = GatedStore(directory=tmp_path, keep=10)
     saved: list[tuple[int, Path]] = []
     saver = BackgroundSaver(store=store, on_saved=lambda state, path: saved.append((state.epoch, path)))
     saver.start()
@@ -181,10 +195,12 @@ def test_background_save_writes_the_state_as_it_was_at_submit(tmp_path: Path) ->
         live = make_state(1)
         expected = make_state(1)  # the same values, kept aside
         saver.submit(live)
+        assert saver.writing and not list(tmp_path.iterdir())  # handed over, not written yet
         for tensors in live.tensors.values():  # training goes on changing the live tensors at once
             for tensor in tensors.values():
                 tensor.zero_()
         live.meta["inner_step"] = 99
+        store.gate.set()  # only now does the write begin
         for epoch in range(2, 6):  # back to back: each waits for the previous write, none is skipped
             saver.submit(make_state(epoch))
         saver.flush()

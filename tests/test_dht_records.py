@@ -16,7 +16,6 @@ from dht.records import (
     ProgressRecord,
     check_agreement,
     load_or_create_record_key,
-    moved_on_epoch,
     record_validators,
     vouched_state,
 )
@@ -45,31 +44,20 @@ def test_agreement_is_by_majority_of_the_same_epoch() -> None:
     assert not check_agreement([record("p1", 3, a)], epoch=3, my_peer_id="me", my_hash=b).mine_agrees
 
 
-def test_the_swarm_moved_on_only_when_those_ahead_are_not_outnumbered() -> None:
-    a, b = "a" * 64, "b" * 64
-    # Everyone else finished the round this worker missed: it is behind.
-    assert moved_on_epoch([record("p1", 8, b), record("p2", 8, b)], epoch=7, my_hash=a) == 8
-    # One peer ahead, this worker alone in its round: one against one, follow the swarm.
-    assert moved_on_epoch([record("p1", 8, b)], epoch=7, my_hash=a) == 8
-    # One fast peer went on alone while two are still averaging epoch 7: the group does not give up.
-    assert moved_on_epoch([record("p1", 8, b), record("p2", 7, a)], epoch=7, my_hash=a) == -1
-    # Peers at the same epoch on another theta_g are not in this round; nobody ahead: nothing to follow.
-    assert moved_on_epoch([record("p1", 7, b)], epoch=7, my_hash=a) == -1
-    assert moved_on_epoch([], epoch=7, my_hash=a) == -1
-
-
-def test_the_state_to_fetch_is_the_one_a_majority_vouches_for() -> None:
-    a, b, z = "a" * 64, "b" * 64, "f" * 64
+def test_the_swarm_vouches_only_for_what_a_majority_holds() -> None:
+    a, b, z = "a" * 64, "b" * 64, "0" * 64  # z: a forger picks the smallest hash there is
     assert vouched_state([]) is None
     assert vouched_state([record("p1", 5, a)]) == (5, a)
-    # One peer claiming a far-future epoch is outvoted by the two that are not there.
+    # Everyone else finished the round this worker missed: it is behind, and fetches their state.
+    assert vouched_state([record("p1", 8, b), record("p2", 8, b)]) == (8, b)
+    # One peer claiming a far-future epoch, or another hash at the same epoch, is outvoted.
     assert vouched_state([record("p1", 5, a), record("p2", 5, a), record("liar", 10**6, z)]) == (5, a)
-    # Half the swarm ahead is not a majority: the epoch before (the worker is then overtaken and fetches again).
-    assert vouched_state([record("p1", 6, b), record("p2", 5, a)]) == (5, a)
+    assert vouched_state([record("p1", 8, a), record("p2", 8, a), record("liar", 8, z)]) == (8, a)
+    # No majority, no claim (ask again shortly): a swarm between two epochs, one fast peer that went on alone
+    # while another is still in the round, or a forger against one honest peer.
+    assert vouched_state([record("p1", 6, b), record("p2", 5, a)]) is None
+    assert vouched_state([record("p1", 8, a), record("p2", 7, b), record("liar", 8, z)]) is None
     assert vouched_state([record("p1", 6, b), record("p2", 6, b), record("p3", 5, a)]) == (6, b)
-    # At that epoch, the hash most peers hold (a tie to the smallest, as check_agreement decides).
-    assert vouched_state([record("p1", 5, b), record("p2", 5, a), record("p3", 5, b)]) == (5, b)
-    assert vouched_state([record("p1", 5, b), record("p2", 5, a)]) == (5, a)
 
 
 def test_records_are_signed_and_cannot_be_overwritten_by_another_peer(tmp_path: Path) -> None:

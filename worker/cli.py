@@ -103,16 +103,17 @@ def cmd_start(args: argparse.Namespace) -> int:
     cfg = load_config(file=args.config, cli=_cli_values(args))
     worker = Worker(cfg)
     try:
-        worker.start()
-        worker.run()
+        try:
+            worker.start()
+            worker.run()
+        finally:
+            worker.shutdown()  # always; its own errors (the last checkpoint could not be written) are reported too
     except (WorkerError, ModelError, DataError, SwarmError, RunDirLockedError, CheckpointError) as e:
         error_line(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
         error_line("interrupted")
         return 130
-    finally:
-        worker.shutdown()
     return 0
 
 

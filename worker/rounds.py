@@ -3,7 +3,7 @@
 ``SwarmRounds`` is the half of ``worker.runtime.Worker`` that talks to the swarm at the end of
 each inner phase: check that theta_g still agrees with the swarm, wait (bounded) for the round's
 members, average the pseudo-gradients, apply the outer step, offer the new state. And the other
-direction: fetch the swarm's newest state when this worker is behind (a newcomer, a restart, a
+direction: fetch the state the swarm vouches for when this worker is behind (a newcomer, a restart, a
 round the swarm settled without it) or disagrees with it (repair). Lifecycle, the inner loop and
 state on disk stay in runtime.py.
 """
@@ -114,7 +114,7 @@ class SwarmRounds:
                     expected_peers=expected if members.everyone and expected > 1 else None,
                     # Someone already at the next epoch: the round was settled without this worker (its own
                     # attempt failed where the others' succeeded); retrying until the deadline is pointless.
-                    give_up=lambda: self.swarm.overtaken_at(epoch=self.epoch, param_sha256=self.progress.param_sha256) >= 0,
+                    give_up=lambda: self.swarm.overtaken_at(epoch=self.epoch) >= 0,
                 )
                 group_size, allreduce_s = result.group_size, result.allreduce_s
                 sent, received = result.bytes_sent, result.bytes_received
@@ -149,7 +149,7 @@ class SwarmRounds:
         overtaken during the download, or it missed the group) takes the swarm's state rather than publish a
         theta_g of its own for an epoch the swarm has settled otherwise. True when it did."""
         trained = self.epoch
-        swarm_epoch = self.swarm.overtaken_at(epoch=trained, param_sha256=self.progress.param_sha256)
+        swarm_epoch = self.swarm.overtaken_at(epoch=trained)
         if swarm_epoch < 0:
             return False
         if self.stop_requested:
@@ -189,8 +189,8 @@ class SwarmRounds:
         return shapes
 
     def _catch_up(self, *, avoid_hash: str | None = None) -> bool:
-        """Load the swarm's newest state when it is ahead of this worker (or, with `avoid_hash`, differs
-        from it at the same epoch). Fetches again if the swarm moved on during a download."""
+        """Load the state a majority of the swarm vouches for when it is ahead of this worker (or, with
+        `avoid_hash`, differs from it at the same epoch). Fetches again if the swarm moved on during a download."""
         fetched = False
         for _ in range(3):
             if self.stop_requested:
@@ -198,7 +198,11 @@ class SwarmRounds:
             try:
                 with DownloadProgress(enabled=self.cfg.run.progress and sys.stderr.isatty(),
                                       description="fetching the swarm's state") as bar:
-                    result = self.exchange.fetch(vouched=self.swarm.vouched_state(), newer_than=self.epoch,
+                    # Between two epochs, wait (a round's matchmaking at most) for the swarm to settle on one.
+                    vouched = self.swarm.vouched_state(
+                        ahead_of=self.epoch, stop=lambda: self.stop_requested,
+                        until=time.monotonic() + 2 * self.cfg.swarm.matchmaking_time + self.cfg.swarm.request_timeout)
+                    result = self.exchange.fetch(vouched=vouched, newer_than=self.epoch,
                                                  expect_shapes=self._expected_shapes(), timeout=self.cfg.swarm.fetch_timeout,
                                                  avoid_hash=avoid_hash, progress=bar)
             except StateTransferError as e:

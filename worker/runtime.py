@@ -21,6 +21,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from averaging.outer import OuterOptimizer
 from checkpoints import (
     BackgroundSaver,
+    CheckpointError,
     CheckpointStore,
     RunDirLock,
     TrainingState,
@@ -99,7 +100,6 @@ class Worker(SwarmRounds):
         self.store = CheckpointStore(directory=self.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
         # Every save goes through the saver (the store has one writer); the loop's saves do not wait for the disk.
         self.saver = BackgroundSaver(store=self.store, on_saved=self._checkpoint_saved)
-        self.saver.start()
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         # Build the model first (cheap, no CUDA yet) so a shape mismatch is refused before joining anyone.
@@ -143,6 +143,7 @@ class Worker(SwarmRounds):
             next_chunk_timeout=min(5.0, cfg.swarm.averaging_timeout / 2),
         )
         self.averager.start()
+        self.saver.start()  # a thread: only once the DHT and the averager have forked
         self.install_signal_handlers()  # children are up: from now on Ctrl-C means "save and stop"
         record_children(self.run_dir / "children.json")
         self.exchange = StateExchange(
@@ -210,7 +211,10 @@ class Worker(SwarmRounds):
             saver = getattr(self, "saver", None)
             # A forced stop does not wait for a write in progress: its temp dir is cleared at the next start.
             if saver is not None and not self._forced:
-                saver.shutdown()  # a failed background write is raised here
+                try:
+                    saver.shutdown()
+                except CheckpointError as e:  # the final save below still tries; it raises if it fails too
+                    notice(f"[bold red]{e}[/]")
             # After a forced stop the state may be half-updated: the last checkpoint stands.
             if self._started and not self._forced and self._saved_at != (self.epoch, self.inner_step):
                 self.save_checkpoint()
@@ -229,7 +233,10 @@ class Worker(SwarmRounds):
                 self.node.shutdown()
                 self.node = None
             self.metrics.shutdown()
-            self.lock.release()
+            # A forced stop may leave the writer thread inside a save: then the lock goes with the process
+            # (flock), so that no new worker of this run dir clears the temp dir while it is written.
+            if saver is None or not saver.writing:
+                self.lock.release()
 
     # -- signals -----------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from dht.records import (
     ProgressBoard,
     ProgressRecord,
     check_agreement,
-    moved_on_epoch,
     vouched_state,
 )
 
@@ -128,14 +127,28 @@ class SwarmView:
             self._keep_alive()
             time.sleep(0.2)
 
-    def vouched_state(self) -> tuple[int, str] | None:
-        """The (epoch, theta_g hash) the live peers vouch for; see `dht.records.vouched_state`."""
-        return vouched_state(self._fresh_in_sync())
+    def vouched_state(
+        self, *, ahead_of: int | None = None, until: float = 0.0, stop: Callable[[], bool] = lambda: False,
+    ) -> tuple[int, str] | None:
+        """The (epoch, theta_g hash) a majority of the live peers vouch for (`dht.records.vouched_state`).
 
-    def overtaken_at(self, *, epoch: int, param_sha256: str) -> int:
-        """The epoch the swarm moved on to while this worker is still at `epoch` (-1 when it did not);
-        see `dht.records.moved_on_epoch`."""
-        return moved_on_epoch(self._fresh_in_sync(), epoch=epoch, my_hash=param_sha256)
+        With `ahead_of`: while some peer is past that epoch but no claim has a majority yet (the swarm
+        is between two epochs), ask again until the monotonic time `until`.
+        """
+        while True:
+            records = self._fresh_in_sync()
+            claim = vouched_state(records)
+            moving = ahead_of is not None and any(r.epoch > ahead_of for r in records)
+            if claim is not None or not moving or time.monotonic() >= until or stop():
+                return claim
+            self._keep_alive()
+            time.sleep(0.2)
+
+    def overtaken_at(self, *, epoch: int) -> int:
+        """The epoch the swarm moved on to while this worker is still at `epoch` (-1 when it did not):
+        the one a majority of the live peers vouch for, when it is later."""
+        claim = self.vouched_state()
+        return claim[0] if claim is not None and claim[0] > epoch else -1
 
     def wait_for_peers(self, *, count: int, until: float, stop: Callable[[], bool] = lambda: False) -> int:
         """Wait (until the monotonic time `until`, or `stop()`) for `count` live peers of the run, this one included."""
