@@ -135,18 +135,22 @@ def check_agreement(records: list[ProgressRecord], *, epoch: int, my_peer_id: st
     return Agreement(epoch=epoch, majority_hash=reference, votes=votes, peers=len(at_epoch), mine_agrees=my_hash == reference)
 
 
-def vouched_state(records: list[ProgressRecord]) -> tuple[int, str] | None:
-    """The (epoch, theta_g hash) that more than half of the live peers' records hold; None when no
-    claim has such a majority (no records, or the swarm is between two epochs: ask again shortly).
+def vouched_state(records: list[ProgressRecord], *, since: int = 0) -> tuple[int, str] | None:
+    """The (epoch, theta_g hash) that more than half of the live peers' records at `since` or later
+    hold; None when no claim has such a majority (no such records, or the swarm is between two
+    epochs: ask again shortly).
 
-    `records` are the other live in-sync peers. A worker that is behind only loads a state offered
+    `records` are the other live in-sync peers; `since` is the asking worker's epoch. Peers behind
+    it (a newcomer that has not fetched yet, a restart from an old checkpoint) neither vouch for nor
+    against anything it could move to. A worker that is behind only loads a state offered
     with exactly this claim, and counts itself overtaken only when this claim is ahead of it: a
     signed offer only proves who made it, and a minority (a forged offer, one fast peer that went
     on alone) cannot pull anyone onto its state. A majority of signing keys is all this rule can
     check: a Sybil attacker with more keys than the honest peers is beyond it.
     """
-    claims = Counter((r.epoch, r.param_sha256) for r in records)
+    relevant = [r for r in records if r.epoch >= since]
+    claims = Counter((r.epoch, r.param_sha256) for r in relevant)
     if not claims:
         return None
     claim, votes = claims.most_common(1)[0]
-    return claim if 2 * votes > len(records) else None
+    return claim if 2 * votes > len(relevant) else None

@@ -58,6 +58,10 @@ def test_the_swarm_vouches_only_for_what_a_majority_holds() -> None:
     assert vouched_state([record("p1", 6, b), record("p2", 5, a)]) is None
     assert vouched_state([record("p1", 8, a), record("p2", 7, b), record("liar", 8, z)]) is None
     assert vouched_state([record("p1", 6, b), record("p2", 6, b), record("p3", 5, a)]) == (6, b)
+    # Peers behind the asker (a newcomer not yet caught up, a restart from an old checkpoint) do not vote:
+    # a worker at 7 whose only groupmate went on to 8 alone follows it, whoever else is still at epoch 0.
+    assert vouched_state([record("p1", 8, b), record("newcomer", 0, a)], since=7) == (8, b)
+    assert vouched_state([record("p1", 8, b), record("newcomer", 0, a)]) is None  # asked from epoch 0: no majority
 
 
 def test_records_are_signed_and_cannot_be_overwritten_by_another_peer(tmp_path: Path) -> None:

@@ -102,19 +102,23 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     cfg = load_config(file=args.config, cli=_cli_values(args))
     worker = Worker(cfg)
+    code = 0
     try:
-        try:
-            worker.start()
-            worker.run()
-        finally:
-            worker.shutdown()  # always; its own errors (the last checkpoint could not be written) are reported too
+        worker.start()
+        worker.run()
     except (WorkerError, ModelError, DataError, SwarmError, RunDirLockedError, CheckpointError) as e:
         error_line(str(e))
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         error_line("interrupted")
-        return 130
-    return 0
+        code = 130
+    finally:
+        try:
+            worker.shutdown()
+        except CheckpointError as e:  # the last checkpoint could not be written; an error above still propagates
+            error_line(str(e))
+            code = code or EXIT_USAGE
+    return code
 
 
 # Short rounds and timeouts suit a swarm on one machine; anything after `--` overrides them.

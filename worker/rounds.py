@@ -155,7 +155,7 @@ class SwarmRounds:
         if self.stop_requested:
             return True  # leave the round unfinished (as on any stop mid-outer-step) rather than diverge
         while not self.stop_requested:
-            if self._catch_up():
+            if self._catch_up(wait_until=until):
                 notice(f"[yellow]the swarm reached epoch {swarm_epoch} while this worker trained epoch {trained}: "
                        "took its state instead of a lone update[/]")
                 self.metrics.emit("round_dropped", epoch=trained, reason="overtaken by the swarm",
@@ -188,7 +188,7 @@ class SwarmRounds:
             shapes["outer"] = {f"momentum.{i}": tuple(p.shape) for i, p in enumerate(self.outer.params)}
         return shapes
 
-    def _catch_up(self, *, avoid_hash: str | None = None) -> bool:
+    def _catch_up(self, *, avoid_hash: str | None = None, wait_until: float | None = None) -> bool:
         """Load the state a majority of the swarm vouches for when it is ahead of this worker (or, with
         `avoid_hash`, differs from it at the same epoch). Fetches again if the swarm moved on during a download."""
         fetched = False
@@ -198,10 +198,11 @@ class SwarmRounds:
             try:
                 with DownloadProgress(enabled=self.cfg.run.progress and sys.stderr.isatty(),
                                       description="fetching the swarm's state") as bar:
-                    # Between two epochs, wait (a round's matchmaking at most) for the swarm to settle on one.
-                    vouched = self.swarm.vouched_state(
-                        ahead_of=self.epoch, stop=lambda: self.stop_requested,
-                        until=time.monotonic() + 2 * self.cfg.swarm.matchmaking_time + self.cfg.swarm.request_timeout)
+                    # Between two epochs, wait (a round's matchmaking at most, and never past `wait_until`)
+                    # for the swarm to settle on one.
+                    until = time.monotonic() + 2 * self.cfg.swarm.matchmaking_time + self.cfg.swarm.request_timeout
+                    vouched = self.swarm.vouched_state(since=self.epoch, stop=lambda: self.stop_requested,
+                                                       until=until if wait_until is None else min(until, wait_until))
                     result = self.exchange.fetch(vouched=vouched, newer_than=self.epoch,
                                                  expect_shapes=self._expected_shapes(), timeout=self.cfg.swarm.fetch_timeout,
                                                  avoid_hash=avoid_hash, progress=bar)

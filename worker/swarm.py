@@ -128,17 +128,16 @@ class SwarmView:
             time.sleep(0.2)
 
     def vouched_state(
-        self, *, ahead_of: int | None = None, until: float = 0.0, stop: Callable[[], bool] = lambda: False,
+        self, *, since: int, until: float = 0.0, stop: Callable[[], bool] = lambda: False,
     ) -> tuple[int, str] | None:
-        """The (epoch, theta_g hash) a majority of the live peers vouch for (`dht.records.vouched_state`).
-
-        With `ahead_of`: while some peer is past that epoch but no claim has a majority yet (the swarm
-        is between two epochs), ask again until the monotonic time `until`.
+        """The (epoch, theta_g hash) a majority of the live peers at epoch `since` or later vouch for
+        (`dht.records.vouched_state`). While some peer is past `since` but no claim has a majority yet
+        (the swarm is between two epochs), ask again until the monotonic time `until`.
         """
         while True:
             records = self._fresh_in_sync()
-            claim = vouched_state(records)
-            moving = ahead_of is not None and any(r.epoch > ahead_of for r in records)
+            claim = vouched_state(records, since=since)
+            moving = any(r.epoch > since for r in records)
             if claim is not None or not moving or time.monotonic() >= until or stop():
                 return claim
             self._keep_alive()
@@ -146,8 +145,8 @@ class SwarmView:
 
     def overtaken_at(self, *, epoch: int) -> int:
         """The epoch the swarm moved on to while this worker is still at `epoch` (-1 when it did not):
-        the one a majority of the live peers vouch for, when it is later."""
-        claim = self.vouched_state()
+        the one a majority of the live peers at `epoch` or later vouch for, when it is later."""
+        claim = self.vouched_state(since=epoch)
         return claim[0] if claim is not None and claim[0] > epoch else -1
 
     def wait_for_peers(self, *, count: int, until: float, stop: Callable[[], bool] = lambda: False) -> int:
