@@ -12,20 +12,28 @@ from tests.helpers import events, start_worker, stop, wait_for, worker_env
 from tests.test_swarm import SWARM, join_args
 from worker.faults import FORGED_EPOCHS_AHEAD
 
+# Workers that train until stopped.
+ENDLESS = [*SWARM, "--max-epochs", "0"]
+
 
 def outer_epochs(run_dir: Path) -> list[int]:
     return [r["epoch"] for r in events(run_dir, "outer_step")]
 
 
+def start_pair(a: Path, b: Path, procs: list, *, b_env: dict[str, str] | None = None) -> list[str]:
+    """Start a, then b joining it, both waiting for each other; returns the args that join them."""
+    procs.append(start_worker(a, *ENDLESS, "--min-peers", "2"))
+    entry = join_args(a)
+    procs.append(start_worker(b, *ENDLESS, "--min-peers", "2", *entry, env=b_env))
+    return entry
+
+
 @pytest.mark.slow
 def test_late_joiner_fetches_the_state_and_agrees_at_its_first_round(tmp_path: Path, procs: list) -> None:
     a, b, late = tmp_path / "a", tmp_path / "b", tmp_path / "late"
-    common = [*SWARM, "--max-epochs", "0"]
-    procs.append(start_worker(a, *common, "--min-peers", "2"))
-    entry = join_args(a)
-    procs.append(start_worker(b, *common, "--min-peers", "2", *entry))
+    start_pair(a, b, procs)
     wait_for(lambda: max(outer_epochs(a), default=0) >= 2, timeout=180, what="the swarm to reach epoch 2")
-    procs.append(start_worker(late, *common, *join_args(b)))  # joins through b: any peer is an entry point
+    procs.append(start_worker(late, *ENDLESS, *join_args(b)))  # joins through b: any peer is an entry point
     wait_for(lambda: len(outer_epochs(late)) >= 3, timeout=180, what="the newcomer's first rounds")
     for proc in procs:
         assert stop(proc) == 0
@@ -47,14 +55,10 @@ def test_late_joiner_fetches_the_state_and_agrees_at_its_first_round(tmp_path: P
 @pytest.mark.slow
 def test_a_forged_offer_is_never_loaded(tmp_path: Path, procs: list) -> None:
     honest, forger, late = tmp_path / "honest", tmp_path / "forger", tmp_path / "late"
-    common = [*SWARM, "--max-epochs", "0"]
-    procs.append(start_worker(honest, *common, "--min-peers", "2"))
-    entry = join_args(honest)
     # A signed, self-consistent offer of other parameters at a far-future epoch: the newest offer there is.
-    procs.append(start_worker(forger, *common, "--min-peers", "2", *entry,
-                              env=worker_env(DILOCO_FAULT="forge_offer@1+")))
+    entry = start_pair(honest, forger, procs, b_env=worker_env(DILOCO_FAULT="forge_offer@1+"))
     wait_for(lambda: max(outer_epochs(honest), default=0) >= 2, timeout=180, what="the swarm to reach epoch 2")
-    procs.append(start_worker(late, *common, *entry))
+    procs.append(start_worker(late, *ENDLESS, *entry))
     wait_for(lambda: len(outer_epochs(late)) >= 2, timeout=180, what="the newcomer's first rounds")
     for proc in procs:
         assert stop(proc) == 0
@@ -81,16 +85,14 @@ def first_round_after_last_fetch(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_restart_after_sigkill_comes_back_with_the_newest_state(tmp_path: Path, procs: list) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    procs.append(start_worker(a, *SWARM, "--max-epochs", "0", "--min-peers", "2"))
-    entry = join_args(a)
-    procs.append(start_worker(b, *SWARM, "--max-epochs", "0", "--min-peers", "2", *entry))
+    entry = start_pair(a, b, procs)
     wait_for(lambda: max(outer_epochs(b), default=0) >= 2, timeout=180, what="b to reach epoch 2")
     procs[1].send_signal(signal.SIGKILL)
     procs[1].wait(timeout=30)
     # While b is down, a goes on alone: the swarm is now ahead of b's own checkpoint.
     killed_at = max(outer_epochs(b))
     wait_for(lambda: max(outer_epochs(a)) >= killed_at + 3, timeout=180, what="a to move on")
-    procs.append(start_worker(b, *SWARM, "--max-epochs", "0", *entry))
+    procs.append(start_worker(b, *ENDLESS, *entry))
     wait_for(lambda: len(events(b, "outer_step")) >= killed_at + 3, timeout=180, what="b to catch up and average again")
     assert stop(procs[2]) == 0 and stop(procs[0]) == 0
     loaded = events(b, "state_loaded")
@@ -112,15 +114,13 @@ def test_restart_after_sigkill_comes_back_with_the_newest_state(tmp_path: Path, 
 @pytest.mark.slow
 def test_a_stale_peer_cannot_move_the_swarm_backwards(tmp_path: Path, procs: list) -> None:
     a, b, stale = tmp_path / "a", tmp_path / "b", tmp_path / "stale"
-    procs.append(start_worker(a, *SWARM, "--max-epochs", "0", "--min-peers", "2"))
-    entry = join_args(a)
-    procs.append(start_worker(b, *SWARM, "--max-epochs", "0", "--min-peers", "2", *entry))
+    entry = start_pair(a, b, procs)
     wait_for(lambda: events(b, "checkpoint_saved"), timeout=180, what="b's first checkpoint")
     # A copy of b's checkpoints at an early epoch, under a new identity: a stale peer restarted from an old state.
     shutil.copytree(b / "checkpoints", stale / "checkpoints")
     shutil.copy(b / "run.json", stale / "run.json")
     wait_for(lambda: max(outer_epochs(a), default=0) >= 5, timeout=180, what="the swarm to reach epoch 5")
-    procs.append(start_worker(stale, *SWARM, "--max-epochs", "0", *entry))
+    procs.append(start_worker(stale, *ENDLESS, *entry))
     wait_for(lambda: len(events(stale, "outer_step")) >= 2, timeout=180, what="the stale peer's first rounds")
     for proc in procs:
         assert stop(proc) == 0
