@@ -80,11 +80,10 @@ class FetchResult:
     seconds: float
     epoch: int
     manifest_sha256: str
-    param_sha256: str  # the offer's; checked against the received global group unless param_checked is False
+    param_sha256: str  # the offer's; checked against the received global group unless check_param_sha256=False
     donors: list[str]  # peer ids whose bytes are in the result (the manifest's donor included)
     bad_donors: list[tuple[str, str]]  # (peer id, reason): sent bytes that do not match what they signed
     failed_donors: list[tuple[str, str]] = field(default_factory=list)  # unreachable, disconnected, stalled, busy
-    param_checked: bool = True  # False: fetched with check_param_sha256=False, the caller must check it
 
 
 def rank_offers(offers: Sequence[OfferLike]) -> list[list[OfferLike]]:
@@ -518,7 +517,7 @@ def fetch_state(
     ``check_param_sha256=False`` skips the check of the offer's ``param_sha256`` against the
     received global group (every part is still checked against the signed manifest), for a
     caller that hashes the group itself anyway: it must then refuse a mismatch (a donor that
-    signed a param hash its snapshot does not have). ``FetchResult.param_checked`` says which.
+    signed a param hash its snapshot does not have).
     """
     if streams < 1:
         raise ValueError("streams must be at least 1")
@@ -552,7 +551,6 @@ def fetch_state(
             donors=[d.peer_id for d in donors if d.peer_id in contributors],
             bad_donors=[(d.peer_id, d.failure or "") for d in everyone if d.bad],
             failed_donors=[(d.peer_id, d.failure or "") for d in everyone if d.failure and not d.bad],
-            param_checked=check_param_sha256,
         )
     more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
     raise StateTransferError(f"no donor could deliver the state: {reasons[0] if reasons else 'no candidates'}{more}")

@@ -223,20 +223,30 @@ class SwarmRounds:
         notice(f"[yellow]could not fetch the swarm's state: {error}[/]")
         self.metrics.emit("state_fetch_failed", epoch=self.epoch, reason=str(error))
 
+    def _fetched_problem(self, result: FetchResult, step: object) -> str | None:
+        """What is wrong with a fetched state, checked before anything is loaded; None when nothing.
+
+        Every part matched the donors' signed manifest; what the manifest holds is checked here:
+        dtypes (shapes were checked by fetch_state), the round metadata, and that the parameters are
+        the theta_g the offer names (fetch_state was asked to leave that hash to us).
+        """
+        global_tensors = result.tensors["global"]
+        wrong = [n for n in self.names if global_tensors[n].dtype != torch.float32]
+        wrong += [n for n, t in result.tensors.get("outer", {}).items() if t.dtype != torch.float32]
+        if wrong:
+            return f"tensor {wrong[0]} is not float32"
+        if not (type(step) is int and step >= 0):
+            return f"global_step {step!r} is not a non-negative int"
+        digest = param_sha256({n: global_tensors[n] for n in self.names})
+        if digest != result.param_sha256:
+            return f"offered param_sha256 {result.param_sha256[:12]} but served {digest[:12]}"
+        return None
+
     def _load_fetched(self, result: FetchResult) -> None:
         global_tensors = result.tensors["global"]
         outer_tensors = dict(result.tensors.get("outer", {}))
-        # Every part matched the donors' signed manifest; what the manifest holds is checked here, before
-        # anything is loaded: dtypes (shapes were checked by fetch_state), the round metadata, and that the
-        # parameters are the theta_g the offer names (fetch_state was asked to leave that hash to us).
-        wrong = [n for n in self.names if global_tensors[n].dtype != torch.float32]
-        wrong += [n for n, t in outer_tensors.items() if t.dtype != torch.float32]
         step = result.meta.get("global_step", result.epoch * self.cfg.train.inner_steps)
-        digest = param_sha256({n: global_tensors[n] for n in self.names}) if not wrong else ""
-        problem = (f"tensor {wrong[0]} is not float32" if wrong
-                   else f"global_step {step!r} is not a non-negative int" if not (type(step) is int and step >= 0)
-                   else f"offered param_sha256 {result.param_sha256[:12]} but served {digest[:12]}"
-                   if digest != result.param_sha256 else None)
+        problem = self._fetched_problem(result, step)
         if problem is not None:
             self.exchange.refuse(result.manifest_sha256)  # not fetched again: the next try takes another offer
             raise StateTransferError(f"donor(s) {', '.join(result.donors)}: {problem}; state refused")
