@@ -110,15 +110,16 @@ class SwarmAverager:
         run_id: str,
         template: Sequence[torch.Tensor],
         compression: str = "none",
-        matchmaking_time: float = 5.0,
-        request_timeout: float = 2.0,
-        allreduce_timeout: float = 60.0,
-        next_chunk_timeout: float = 5.0,
-        target_group_size: int | None = None,
-        min_group_size: int = 2,
-        chunk_numel: int = 2**16,
+        # The defaults are RoundSettings' (a dataclass's class attributes hold its field defaults).
+        matchmaking_time: float = RoundSettings.matchmaking_time,
+        request_timeout: float = RoundSettings.request_timeout,
+        allreduce_timeout: float = RoundSettings.allreduce_timeout,
+        next_chunk_timeout: float = RoundSettings.next_chunk_timeout,
+        target_group_size: int | None = RoundSettings.target_group_size,
+        min_group_size: int = RoundSettings.min_group_size,
+        chunk_numel: int = RoundSettings.chunk_numel,
         client_mode: bool | None = None,
-        shutdown_timeout: float = 5.0,
+        shutdown_timeout: float = RoundSettings.shutdown_timeout,
     ) -> None:
         if not run_id:
             raise ValueError("run_id must be a non-empty string")

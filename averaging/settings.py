@@ -1,8 +1,9 @@
 """``RoundSettings``: how one peer looks for groups and runs its all-reduces, checked once.
 
-``SwarmAverager`` builds it from its keyword arguments (same names, same defaults) and hands
-it to its background process (``backend.RoundBackend``): the relations between the timeouts
-are checked in one place, and the process takes one object instead of a keyword list.
+``SwarmAverager`` builds it from its keyword arguments (same names; their defaults are read
+from here) and hands it to its background process (``backend.RoundBackend``): the relations
+between the timeouts are checked in one place, and the process takes one object instead of
+a keyword list.
 """
 
 from __future__ import annotations
