@@ -458,9 +458,21 @@ def _fetch_snapshot(
         first_conn.close()
         raise
     transfer.connections.add(first_conn)
-    if not check_param_sha256:  # every part checked against its digest as it arrives; nothing else to do
+    if check_param_sha256:
+        _receive_and_check_param_hash(transfer, offer, donors, streams=streams, progress=progress,
+                                      first=(first_conn, first_donor))
+    else:  # every part is checked against its digest as it arrives; the caller checks the param hash
         transfer.run_round(streams=streams, progress=progress, first=(first_conn, first_donor))
-        return tensors_from_buffer(manifest, transfer.buffer), manifest, len(manifest_bytes), transfer, first_donor
+    return tensors_from_buffer(manifest, transfer.buffer), manifest, len(manifest_bytes), transfer, first_donor
+
+
+def _receive_and_check_param_hash(
+    transfer: _Transfer, offer: OfferLike, donors: list[_Donor], *, streams: int,
+    progress: Callable[[int, int], None] | None, first: tuple[DonorConnection, _Donor],
+) -> None:
+    """Receive every part while a thread hashes the global group as it arrives; raise StateTransferError
+    (after refetching the parts only the param hash was watching, if any were bad) unless it matches the offer."""
+    manifest = transfer.manifest
     hashed: list[str] = []
     hash_error: list[BaseException] = []
 
@@ -475,7 +487,7 @@ def _fetch_snapshot(
     hasher = threading.Thread(target=hash_global, name="state-fetch-hash", daemon=True)
     hasher.start()
     try:
-        transfer.run_round(streams=streams, progress=progress, first=(first_conn, first_donor))
+        transfer.run_round(streams=streams, progress=progress, first=first)
     finally:
         # A round ends with stop set, which releases a hasher waiting for a part; what remains is local hashing.
         hasher.join(60.0 + manifest.total_bytes / 50e6)
@@ -492,7 +504,6 @@ def _fetch_snapshot(
                 donor.lose("serves a state whose param_sha256 differs from its offer", bad=True,
                            snapshot=offer.manifest_sha256)
         raise StateTransferError("the received state's param_sha256 differs from the offer's")
-    return tensors_from_buffer(manifest, transfer.buffer), manifest, len(manifest_bytes), transfer, first_donor
 
 
 def fetch_state(
