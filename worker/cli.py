@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     swarm.add_argument("--workers", type=int, default=3, help="how many workers (default 3)")
     swarm.add_argument("--run-dir", type=Path, default=Path("runs/swarm"), help="each worker gets RUN_DIR/<name>")
-    swarm.add_argument("--chaos", type=float, default=0.0, metavar="SECONDS", help="kill and restart a random worker this often (0: off)")
+    swarm.add_argument("--chaos", type=float, default=0.0, metavar="SECONDS", help="kill -9 and restart a random worker this often, choosing among those that have completed a round since their last start (0: off)")
     swarm.add_argument("--late-joiner-after", type=int, default=0, metavar="EPOCHS", help="add one more worker once the swarm reaches this epoch (0: never)")
     swarm.add_argument("--seed", type=int, default=0, help="seed of the chaos mode's choices")
     swarm.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then options for every `worker start`")

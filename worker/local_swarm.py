@@ -4,7 +4,8 @@ Starts a bootstrap worker and N-1 workers that join it (real processes, real
 sockets on loopback), shows one table of the swarm read from each worker's
 metrics.jsonl, and stops them all cleanly on Ctrl-C or when they finish. A chaos
 mode kills a random worker every K seconds and restarts it on its own run dir
-(it resumes from its checkpoint); a late joiner can be added after K epochs.
+(it resumes from its checkpoint or from the swarm); a late joiner can be added
+after K epochs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Member:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     state: str = "starting"
+    spawned_at: float = 0.0
+    """Wall time of the latest (re)start, to tell this life's metrics from the previous one's."""
     extra: list[str] = field(default_factory=list)
 
 
@@ -76,8 +79,14 @@ class LocalSwarm:
         argv = [sys.executable, "-m", "worker", "start", "--run-dir", str(member.run_dir), *self._common,
                 *self.options.worker_args, *member.extra, *self.entry]
         # Own process group: Ctrl-C reaches this supervisor only, which then stops workers in order.
+        member.spawned_at = time.time()
         member.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         member.state = "running"
+
+    @staticmethod
+    def rejoined(member: Member) -> bool:
+        """Whether the member has completed a round since it was last (re)started."""
+        return any(r["time"] >= member.spawned_at for r in read_metrics(member.run_dir / "metrics.jsonl", "outer_step"))
 
     def start(self) -> None:
         base = self.options.base_dir
@@ -112,9 +121,13 @@ class LocalSwarm:
         """SIGKILL a random running worker (never the bootstrap, whose address the others dial) and restart it.
 
         Only the worker's main process is killed, as the OOM killer would: its restart must
-        clear the helpers it left behind (worker/children.py) and resume from its checkpoint.
+        clear the helpers it left behind (worker/children.py) and resume from its checkpoint
+        or from the swarm. Only a worker that has completed a round since its last start is a
+        candidate: where starting takes longer than the chaos period (a loaded machine), striking
+        any worker would kill the same ones again before they came back, which tests nothing.
+        Returns None, and strikes nobody, when there is no candidate yet.
         """
-        candidates = [m for m in self.members[1:] if m.proc is not None and m.proc.poll() is None]
+        candidates = [m for m in self.members[1:] if m.proc is not None and m.proc.poll() is None and self.rejoined(m)]
         if not candidates:
             return None
         victim = self.rng.choice(candidates)
@@ -217,9 +230,9 @@ def run_local_swarm(options: SwarmOptions, *, console: Console | None = None) ->
                 time.sleep(0.5)
                 if time.monotonic() >= next_chaos:
                     victim = swarm.chaos_kill_and_restart()
-                    if victim is not None:
+                    if victim is not None:  # else: strike as soon as a worker is back in the rounds
                         console.log(f"chaos: killed and restarted {victim.name}")
-                    next_chaos = time.monotonic() + options.chaos_every
+                        next_chaos = time.monotonic() + options.chaos_every
                 if not late_added:
                     epoch, _ = swarm.agreement(swarm.snapshot())
                     if epoch >= options.late_joiner_after:
