@@ -71,3 +71,10 @@ def test_bad_worker_options_are_refused_once(tmp_path: Path) -> None:
                             text=True, timeout=120, env=worker_env(), cwd=ROOT)
     assert result.returncode == 2 and "train.inner_steps" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "swarm").exists()
+
+
+def test_a_swarm_run_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "swarm").write_text("not a run dir")
+    result = subprocess.run(swarm_cmd(tmp_path, "--workers", "2"), capture_output=True, text=True, timeout=120,
+                            env=worker_env(), cwd=ROOT)
+    assert result.returncode == 2 and "is a file, not a directory" in result.stderr and "Traceback" not in result.stderr

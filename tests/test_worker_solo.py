@@ -132,6 +132,16 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path: Path, args: list[str], mess
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("where", "message"), [("file", "is a file, not a directory"),
+                                                ("file/run", "cannot be created (Not a directory)")])
+def test_a_run_dir_that_cannot_be_used_is_one_line_and_nonzero(tmp_path: Path, where: str, message: str) -> None:
+    (tmp_path / "file").write_text("not a run dir")
+    result = run_worker(tmp_path / "w", "--run-dir", str(tmp_path / where))  # the last --run-dir wins
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "file").read_text() == "not a run dir"
+
+
 def test_solo_outer_step_with_unit_lr_is_plain_sgd(tmp_path: Path) -> None:
     """H=1, inner SGD, outer SGD lr 1 momentum 0: theta_g follows plain SGD on the same batches."""
     run_dir = tmp_path / "w"

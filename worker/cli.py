@@ -93,6 +93,19 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("hivemind").setLevel(getattr(logging, level.upper()))
 
 
+def _unusable_dir(path: Path) -> str | None:
+    """Why `path` cannot serve as a run dir (created here if missing), or None when it can."""
+    if path.exists() and not path.is_dir():
+        return f"run dir {path} is a file, not a directory: give --run-dir a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"run dir {path} cannot be created ({e.strerror}): give --run-dir a writable directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"run dir {path} is not writable: give --run-dir a writable directory"
+    return None
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     from checkpoints import CheckpointError, RunDirLockedError
     from dht.node import SwarmError
@@ -101,6 +114,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     from worker.runtime import Worker, WorkerError
 
     cfg = load_config(file=args.config, cli=_cli_values(args))
+    problem = _unusable_dir(cfg.run.run_dir)
+    if problem:
+        error_line(problem)
+        return EXIT_USAGE
     worker = Worker(cfg)
     code = 0
     try:
@@ -139,6 +156,10 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     # Check the workers' options here, once, rather than watching N workers fail with the same message.
     probe = build_parser().parse_args(["start", *LOCAL_SWARM_DEFAULTS, *extra])
     load_config(file=probe.config, cli=_cli_values(probe))
+    problem = _unusable_dir(args.run_dir)
+    if problem:
+        error_line(problem)
+        return EXIT_USAGE
     options = SwarmOptions(workers=args.workers, base_dir=args.run_dir, worker_args=[*LOCAL_SWARM_DEFAULTS, *extra],
                            chaos_every=args.chaos, late_joiner_after=args.late_joiner_after, seed=args.seed)
     return run_local_swarm(options)
