@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,29 @@ def test_solo_outer_step_with_unit_lr_is_plain_sgd(tmp_path: Path) -> None:
     saved = load_file(str(run_dir / "checkpoints" / f"epoch-{steps:06d}" / "global.safetensors"))
     for name, param in model.named_parameters():
         torch.testing.assert_close(saved[name], param.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_repeated_ctrl_c_stops_without_a_traceback_and_the_run_dir_resumes(tmp_path: Path, procs: list) -> None:
+    """An impatient user: SIGINT, then SIGINT again and again until the worker is gone. The second one
+    forces the stop (no final save); none may end in a traceback, whichever phase it lands in."""
+    run_dir = tmp_path / "w"
+    proc = start_worker(run_dir, *ROUND, "--max-epochs", "0")
+    procs.append(proc)
+    wait_for(lambda: events(run_dir, "checkpoint_saved"), timeout=120, what="a first checkpoint")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    # -SIGINT: a signal in the last moments of exit, once Python has restored the default handlers.
+    assert proc.wait(timeout=30) in (0, 130, -signal.SIGINT)
+    log = (run_dir / "worker.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    # No half-written checkpoint is taken for a good one, and the lock went with the process.
+    epoch = max(r["epoch"] for r in events(run_dir, "checkpoint_saved"))
+    result = run_worker(run_dir, *ROUND, "--max-epochs", str(epoch + 1))
+    assert result.returncode == 0, result.stderr
+    loaded = events(run_dir, "state_loaded")[-1]
+    assert loaded["source"] == "disk" and loaded["epoch"] >= epoch - 1
 
 
 def test_restart_after_sigkill_clears_leftovers_and_resumes(tmp_path: Path, procs: list) -> None:

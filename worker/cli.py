@@ -135,6 +135,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         except CheckpointError as e:  # the last checkpoint could not be written; an error above still propagates
             error_line(str(e))
             code = code or EXIT_USAGE
+        except KeyboardInterrupt:  # a second Ctrl-C during the final save: the newest checkpoint on disk stands
+            error_line("interrupted: the final checkpoint was not saved; the newest one on disk stands")
+            code = 130
     return code
 
 

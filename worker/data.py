@@ -184,7 +184,7 @@ class HFSource:
         empty_passes = 0
         while True:
             empty = True
-            for record in self._dataset:
+            for record in self._records():
                 empty = False
                 if self._text_field not in record:
                     raise DataError(
@@ -197,6 +197,19 @@ class HFSource:
                 raise DataError(f"dataset {self._name!r} is empty")
             self._pass += 1
             self._dataset = self._slice(self._pass)
+
+    def _records(self) -> Iterator[dict[str, Any]]:
+        """The current slice's records; a file that does not parse (datasets reads lazily, so this shows
+        only here) is a DataError naming the dataset rather than pyarrow's traceback."""
+        records = iter(self._dataset)
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                return
+            except Exception as e:  # pyarrow, json, network: many types
+                raise DataError(f"cannot read dataset {self._name!r}: {str(e).splitlines()[0]}") from None
+            yield record
 
     def state(self) -> dict[str, Any]:
         return {"pass": self._pass, "hf": self._dataset.state_dict()}

@@ -83,6 +83,9 @@ class Worker(SwarmRounds):
         self._started = False  # set once state is loaded: only then is there anything to save
         self.peers_seen = 1
         self._forced = False  # a second Ctrl-C: shutdown must not save a possibly half-updated state
+        # Whether a second Ctrl-C may raise KeyboardInterrupt here: in training and in the final save, not in
+        # the cleanup after it, which must run to its end (children stopped, lock released).
+        self._interruptible = True
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -219,6 +222,7 @@ class Worker(SwarmRounds):
             if self._started and not self._forced and self._saved_at != (self.epoch, self.inner_step):
                 self.save_checkpoint()
         finally:
+            self._interruptible = False
             if self._started:
                 self.swarm.leave()  # peers stop waiting for this one at once, not after its record expires
             exchange = getattr(self, "exchange", None)
@@ -242,11 +246,18 @@ class Worker(SwarmRounds):
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
-            if self.stop_requested:
-                self._forced = True
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving a possibly torn state
-            self.stop_requested = True
-            notice(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint (again to force)")
+            if self._forced:
+                return  # already stopping now: let the cleanup finish
+            if not self.stop_requested:
+                self.stop_requested = True
+                notice(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint (again to force)")
+                return
+            # A second Ctrl-C: stop now, without saving a possibly torn state (checkpoints are atomic: an
+            # interrupted save leaves the previous one standing).
+            self._forced = True
+            if self._interruptible:
+                raise KeyboardInterrupt
+            notice(f"{signal.Signals(signum).name} again: stopping now")
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
