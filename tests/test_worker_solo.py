@@ -143,6 +143,15 @@ def test_a_run_dir_that_cannot_be_used_is_one_line_and_nonzero(tmp_path: Path, w
     assert (tmp_path / "file").read_text() == "not a run dir"
 
 
+def test_a_dataset_file_that_does_not_parse_is_one_line_and_nonzero(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    result = run_worker(tmp_path / "w", "--dataset", str(bad), "--max-epochs", "1")
+    assert result.returncode == 2, result.stderr
+    assert f"cannot read dataset {str(bad)!r}" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == result.stderr.splitlines()[-1:]
+
+
 def test_solo_outer_step_with_unit_lr_is_plain_sgd(tmp_path: Path) -> None:
     """H=1, inner SGD, outer SGD lr 1 momentum 0: theta_g follows plain SGD on the same batches."""
     run_dir = tmp_path / "w"

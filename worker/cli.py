@@ -91,6 +91,10 @@ def _setup_logging(level: str) -> None:
     # hivemind configures its own loggers; keep them at the asked level so the console stays readable.
     os.environ.setdefault("HIVEMIND_LOGLEVEL", level.upper())
     logging.getLogger("hivemind").setLevel(getattr(logging, level.upper()))
+    # datasets logs a file it cannot parse as an ERROR, then raises: the worker reports that error in one
+    # line (DataError), so its log lines would only repeat it. Read at datasets' import: set it before.
+    if level.lower() != "debug":
+        os.environ.setdefault("DATASETS_VERBOSITY", "critical")
 
 
 def _unusable_dir(path: Path) -> str | None:
