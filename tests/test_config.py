@@ -36,21 +36,25 @@ def test_precedence_cli_over_env_over_file_over_defaults(tmp_path: Path) -> None
     assert cfg.train.lr == 3e-3  # default
 
 
+PEER = "/ip4/127.0.0.1/tcp/1/p2p/QmXyxPRM2sUCdJqTaEZzPnbGRYF6wM4BXJzD9jUz2excda"
+PEER2 = "/ip4/127.0.0.1/tcp/2/p2p/QmXyxPRM2sUCdJqTaEZzPnbGRYF6wM4BXJzD9jUz2excda"
+
+
 def test_flag_names_follow_the_contract() -> None:
     args = build_parser().parse_args(
-        ["start", "--run-dir", "r", "--run-id", "x", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--host-maddrs",
+        ["start", "--run-dir", "r", "--run-id", "x", "--initial-peers", PEER, "--host-maddrs",
          "/ip4/0.0.0.0/tcp/0", "--announce-maddrs", "/ip4/1.2.3.4/tcp/5", "--model", "tiny", "--dataset", "embedded",
          "--inner-steps", "3", "--max-epochs", "2", "--device", "cpu", "--no-progress"]
     )
     cfg = load_config(environ={}, cli=_cli_values(args))
     assert cfg.run.run_dir == Path("r") and cfg.run.device == "cpu" and cfg.run.progress is False
-    assert cfg.swarm.initial_peers == ["/ip4/127.0.0.1/tcp/1"]
+    assert cfg.swarm.initial_peers == [PEER]
     assert cfg.swarm.announce_maddrs == ["/ip4/1.2.3.4/tcp/5"]
 
 
 def test_env_lists_and_bools() -> None:
-    cfg = load_config(environ={"WORKER_INITIAL_PEERS": "/ip4/127.0.0.1/tcp/1,/ip4/127.0.0.1/tcp/2", "WORKER_PROGRESS": "no"})
-    assert cfg.swarm.initial_peers == ["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.1/tcp/2"]
+    cfg = load_config(environ={"WORKER_INITIAL_PEERS": f"{PEER},{PEER2}", "WORKER_PROGRESS": "no"})
+    assert cfg.swarm.initial_peers == [PEER, PEER2]
     assert cfg.run.progress is False
 
 
@@ -63,6 +67,7 @@ def test_env_lists_and_bools() -> None:
         ("", {"WORKER_LR": "fast"}, "train.lr: Input should be a valid number"),
         ("", {"WORKER_COMPRESSION": "zip"}, "swarm.compression: Input should be 'none', 'fp16' or 'int8'"),
         ("", {"WORKER_INITIAL_PEERS": "localhost:1234"}, "is not a multiaddr"),
+        ("", {"WORKER_INITIAL_PEERS": "/ip4/127.0.0.1/tcp/1"}, "lacks the peer's /p2p/<peer id> part"),
         ("", {"WORKER_REQUEST_TIMEOUT": "10"}, "request_timeout must be smaller than matchmaking_time"),
         ("[train]\nbatch_size = 6\nmicro_batch_size = 4\n", {}, "batch_size must be a multiple of"),
         ("not toml at all [", {}, "is not valid TOML"),

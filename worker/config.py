@@ -16,7 +16,15 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(Exception):
@@ -172,7 +180,7 @@ class SwarmConfig(_Section):
 
     @field_validator("initial_peers", "host_maddrs", "announce_maddrs")
     @classmethod
-    def _valid_multiaddrs(cls, values: list[str]) -> list[str]:
+    def _valid_multiaddrs(cls, values: list[str], info: ValidationInfo) -> list[str]:
         from hivemind.utils.multiaddr import Multiaddr
 
         for value in values:
@@ -180,6 +188,9 @@ class SwarmConfig(_Section):
                 Multiaddr(value)
             except Exception as e:  # multiaddr raises several unrelated types
                 raise ValueError(f"{value!r} is not a multiaddr (e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...): {e}") from None
+            # libp2p dials a peer by its identity: an entry point without one fails deep in the daemon.
+            if info.field_name == "initial_peers" and "/p2p/" not in value:
+                raise ValueError(f"{value!r} lacks the peer's /p2p/<peer id> part: copy the whole address a worker prints")
         return values
 
 
