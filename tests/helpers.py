@@ -70,17 +70,28 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float 
     return proc.returncode
 
 
-def kill_mentioning(text: str) -> int:
-    """SIGKILL every process whose command line mentions `text` (a test's tmp dir): workers, their
-    DHT and averager children, and p2p daemons orphaned by a SIGKILLed worker. Returns how many."""
-    killed = 0
+def mentioning(text: str) -> list[int]:
+    """Pids of the processes (other than this one) whose command line mentions `text`."""
+    found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             pid = int(cmdline.parent.name)
             if pid != os.getpid() and text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
+                found.append(pid)
         except (OSError, ValueError):
+            continue
+    return found
+
+
+def kill_mentioning(text: str) -> int:
+    """SIGKILL every process whose command line mentions `text` (a test's tmp dir): workers, their
+    DHT and averager children, and p2p daemons orphaned by a SIGKILLed worker. Returns how many."""
+    killed = 0
+    for pid in mentioning(text):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
             continue
     return killed
 

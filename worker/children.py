@@ -11,6 +11,7 @@ is surely gone — kills whichever of them still run. Linux only (/proc); elsewh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,6 +49,13 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             queue.append(child)
     return out
+
+
+def kill_descendants() -> None:
+    """SIGKILL every descendant of this process (a forced exit that cannot wait for them to stop)."""
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def record_children(path: Path) -> None:

@@ -13,10 +13,13 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.config import ConfigError, FieldSpec, field_specs, is_bool_field, is_list_field, load_config
 from worker.console import error_line
+
+if TYPE_CHECKING:
+    from worker.runtime import Worker
 
 # Exit codes: 2 for a mistake in what the user asked, 1 for a failure while running.
 EXIT_USAGE = 2
@@ -91,10 +94,11 @@ def _setup_logging(level: str) -> None:
     # hivemind configures its own loggers; keep them at the asked level so the console stays readable.
     os.environ.setdefault("HIVEMIND_LOGLEVEL", level.upper())
     logging.getLogger("hivemind").setLevel(getattr(logging, level.upper()))
-    # datasets logs a file it cannot parse as an ERROR, then raises: the worker reports that error in one
-    # line (DataError), so its log lines would only repeat it. Read at datasets' import: set it before.
+    # datasets' file readers log a file they cannot parse as an ERROR, then raise: the worker reports that
+    # error in one line (DataError), so their log lines would only repeat it. Its other logs (retries of a
+    # streamed dataset, say) stay.
     if level.lower() != "debug":
-        os.environ.setdefault("DATASETS_VERBOSITY", "critical")
+        logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)
 
 
 def _unusable_dir(path: Path) -> str | None:
@@ -134,14 +138,25 @@ def cmd_start(args: argparse.Namespace) -> int:
         error_line("interrupted")
         code = 130
     finally:
-        try:
-            worker.shutdown()
-        except CheckpointError as e:  # the last checkpoint could not be written; an error above still propagates
-            error_line(str(e))
-            code = code or EXIT_USAGE
-        except KeyboardInterrupt:  # a second Ctrl-C during the final save: the newest checkpoint on disk stands
-            error_line("interrupted: the final checkpoint was not saved; the newest one on disk stands")
-            code = 130
+        code = _shut_down(worker, code)
+    return code
+
+
+def _shut_down(worker: Worker, code: int) -> int:
+    """Stop `worker` (final save, children, lock) and return the exit code, `code` unless that was 0."""
+    from checkpoints import CheckpointError
+
+    try:
+        worker.shutdown()
+    except CheckpointError as e:  # the last checkpoint could not be written
+        error_line(str(e))
+        return code or EXIT_USAGE
+    except KeyboardInterrupt:
+        # A second Ctrl-C in the final save, or as shutdown began: the save is skipped or abandoned (checkpoints
+        # are atomic). Run the cleanup to its end; the stop is now forced, so further signals are ignored.
+        worker.shutdown()
+        error_line("interrupted: the final checkpoint may not have been saved; the newest complete one on disk stands")
+        return code or 130
     return code
 
 
@@ -224,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         error_line(str(e))
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C outside the worker's own handling (e.g. while reporting an error)
+        error_line("interrupted")
+        return 130
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 

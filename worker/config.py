@@ -185,11 +185,11 @@ class SwarmConfig(_Section):
 
         for value in values:
             try:
-                Multiaddr(value)
+                protocols = [p.name for p in Multiaddr(value).protocols()]
             except Exception as e:  # multiaddr raises several unrelated types
                 raise ValueError(f"{value!r} is not a multiaddr (e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...): {e}") from None
             # libp2p dials a peer by its identity: an entry point without one fails deep in the daemon.
-            if info.field_name == "initial_peers" and "/p2p/" not in value:
+            if info.field_name == "initial_peers" and "p2p" not in protocols:
                 raise ValueError(f"{value!r} lacks the peer's /p2p/<peer id> part: copy the whole address a worker prints")
         return values
 

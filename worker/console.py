@@ -15,6 +15,12 @@ def notice(message: str) -> None:
     console.print(message)
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line for an error message: its message's first line, else its type's name."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def error_line(message: str) -> None:
     """A user mistake: one line, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from worker.console import one_line
+
 
 class DataError(Exception):
     """A dataset or tokenizer that cannot be used; one-line message."""
@@ -58,7 +60,7 @@ class HFTokenizer:
         try:
             self._tok = AutoTokenizer.from_pretrained(name)
         except Exception as e:  # network, missing repo, bad files: all the user's to fix
-            raise DataError(f"cannot load tokenizer {name!r}: {str(e).splitlines()[0]}") from None
+            raise DataError(f"cannot load tokenizer {name!r}: {one_line(e)}") from None
         self.vocab_size = len(self._tok)
         eos = self._tok.eos_token_id
         self.eos_id = int(eos if eos is not None else 0)
@@ -160,7 +162,7 @@ class HFSource:
         except DataError:
             raise
         except Exception as e:  # datasets raises many types (network, schema, missing files)
-            raise DataError(f"cannot open dataset {name!r}: {str(e).splitlines()[0]}") from None
+            raise DataError(f"cannot open dataset {name!r}: {one_line(e)}") from None
         # The records are cut into VIRTUAL_SHARDS interleaved slices. A worker reads slice (r + pass) on each
         # pass over the data, r seeded by its identity: at any time two workers most likely read disjoint
         # records (even from a single file), and a lone worker still covers everything over its passes.
@@ -208,7 +210,7 @@ class HFSource:
             except StopIteration:
                 return
             except Exception as e:  # pyarrow, json, network: many types
-                raise DataError(f"cannot read dataset {self._name!r}: {str(e).splitlines()[0]}") from None
+                raise DataError(f"cannot read dataset {self._name!r}: {one_line(e)}") from None
             yield record
 
     def state(self) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
+from worker.console import one_line
+
 # Llama-3's tokenizer; the byte tokenizer fits in any vocabulary of at least 259.
 LLAMA3_VOCAB = 128256
 
@@ -56,7 +58,7 @@ def model_config(preset: str) -> PretrainedConfig:
         try:
             return AutoConfig.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # transformers raises many types for bad configs
-            raise ModelError(f"cannot read model config in {path}: {str(e).splitlines()[0]}") from None
+            raise ModelError(f"cannot read model config in {path}: {one_line(e)}") from None
     allowed = ", ".join(PRESETS)
     raise ModelError(f"unknown model {preset!r}: use one of {allowed} or a directory holding a Hugging Face config.json")
 

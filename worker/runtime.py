@@ -8,6 +8,7 @@ before CUDA is touched. Every resource acquired in ``start`` is released in
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -30,7 +31,7 @@ from dht.node import SwarmNode
 from dht.offers import offer_validators
 from dht.records import load_or_create_record_key, record_validators
 from worker.catchup import StateExchange
-from worker.children import reap_leftovers, record_children
+from worker.children import kill_descendants, reap_leftovers, record_children
 from worker.config import WorkerConfig
 from worker.console import RoundProgress, notice
 from worker.data import make_tokenizer, open_stream
@@ -246,18 +247,25 @@ class Worker(SwarmRounds):
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
             if self._forced:
-                return  # already stopping now: let the cleanup finish
+                if self._interruptible:
+                    return  # the forced stop's KeyboardInterrupt is on its way
+                # A third Ctrl-C while the helpers stop (one may hang): leave at once. The lock goes with the
+                # process; a save left half-written is cleared at the next start.
+                notice(f"{name} again: exiting now")
+                kill_descendants()
+                os._exit(130)
             if not self.stop_requested:
                 self.stop_requested = True
-                notice(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint (again to force)")
+                notice(f"{name}: stopping after this step and saving a checkpoint (again to force)")
                 return
             # A second Ctrl-C: stop now, without saving a possibly torn state (checkpoints are atomic: an
             # interrupted save leaves the previous one standing).
             self._forced = True
             if self._interruptible:
                 raise KeyboardInterrupt
-            notice(f"{signal.Signals(signum).name} again: stopping now")
+            notice(f"{name} again: already past the final save; stopping the helpers (again to exit at once)")
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)

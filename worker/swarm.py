@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # How often a training worker refreshes its record: well inside its time to live.
 PUBLISH_EVERY = RECORD_TTL / 4
+# Longest a clean shutdown waits to withdraw its record; past it the record expires after RECORD_TTL.
+LEAVE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -91,9 +93,13 @@ class SwarmView:
 
     def leave(self) -> None:
         """Withdraw this peer's record (a clean shutdown): the others stop waiting for it at once."""
+        dht = self.board.dht
+        if not dht.is_alive():
+            return  # the record expires by itself
         try:
-            self.board.dht.store(key=self.board.progress_key, subkey=self.board.signer.local_public_key, value=None,
-                                 expiration_time=get_dht_time() + RECORD_TTL, return_future=False)
+            # Bounded: shutdown must not hang on a stuck DHT process (the record then expires by itself).
+            dht.store(key=self.board.progress_key, subkey=self.board.signer.local_public_key, value=None,
+                      expiration_time=get_dht_time() + RECORD_TTL, return_future=True).result(timeout=LEAVE_TIMEOUT)
         except Exception as e:
             logger.warning("could not withdraw the progress record: %s", e)
 
