@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -62,10 +63,12 @@ def test_three_workers_agree_bitwise(tmp_path: Path, procs: list, compression: s
     assert_agreement(dirs, epochs=epochs)
     # The bootstrap worker trains from epoch 0; a worker whose DHT saw the others later may have caught up from
     # their state first, so its own first losses are lower already: compare the swarm's end with the start.
-    # Averaged over the workers: each reads its own slice of the corpus, and one slice's bytes can be much
-    # harder than another's (seen: 4.10 on one worker against 2.96 on another after the same 4 rounds).
+    # Over all the workers' last steps: each reads its own slice of the corpus, and one slice's bytes can be much
+    # harder than another's (seen: 4.10 on one worker against 2.96 on another after the same 4 rounds). And as a
+    # median, so that a slice that runs into an odd file at the end (a codec table sent a loss from 2.8 to 6.7
+    # for a few steps) does not decide it; an untrained model stays near ln 259 = 5.6.
     start = sum(r["loss"] for r in events(dirs[0], "inner_step")[:8]) / 8
-    end = sum(sum(r["loss"] for r in events(d, "inner_step")[-8:]) / 8 for d in dirs) / len(dirs)
+    end = statistics.median(r["loss"] for d in dirs for r in events(d, "inner_step")[-8:])
     assert end < start - 0.3, (start, end)
     full = [r for r in events(dirs[0], "outer_step") if r["group_size"] == 3]
     assert full and all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in full)

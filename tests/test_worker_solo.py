@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import statistics
 import time
 from pathlib import Path
 
@@ -29,8 +30,10 @@ def test_trains_alone_and_writes_the_metrics_contract(tmp_path: Path) -> None:
     assert len(inner) == 30
     assert {"epoch", "step", "loss", "tokens", "lr", "time"} <= set(inner[0])
     # From the untrained model's loss (about ln 259 = 5.6) to clearly lower, whatever shard this worker reads.
-    first, last = inner[0]["loss"], sum(r["loss"] for r in inner[-5:]) / 5
-    assert first > 5.0 and last < first - 0.5, (first, last)
+    # The median of the last 3 rounds: the shard (seeded by the random peer id) may run into an odd file of
+    # the corpus (seen: a codec table, loss 2.8 -> 6.7 for a few steps); an untrained model stays near 5.6.
+    first, last = inner[0]["loss"], statistics.median(r["loss"] for r in inner[-15:])
+    assert first > 5.0 and last < first - 0.5, (first, [r["loss"] for r in inner])
 
     outer = events(run_dir, "outer_step")
     assert [r["epoch"] for r in outer] == [1, 2, 3, 4, 5, 6]
