@@ -89,6 +89,14 @@ class ProgressBoard:
             expiration_time=get_dht_time() + ttl, return_future=not wait,
         )
 
+    def withdraw(self, *, ttl: float = RECORD_TTL) -> Any:
+        """Replace this peer's record with an empty one under its own subkey; returns a future at once."""
+        assert self.signer is not None, "a read-only board cannot withdraw"
+        return self.dht.store(
+            key=self.progress_key, subkey=self.signer.local_public_key, value=None,
+            expiration_time=get_dht_time() + ttl, return_future=True,
+        )
+
     def read(self, *, latest: bool = True) -> list[ProgressRecord]:
         """Live records of the run, newest first; malformed ones are dropped (the validators already refuse most)."""
         found = self.dht.get(self.progress_key, latest=latest, return_future=False)

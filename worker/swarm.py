@@ -93,13 +93,11 @@ class SwarmView:
 
     def leave(self) -> None:
         """Withdraw this peer's record (a clean shutdown): the others stop waiting for it at once."""
-        dht = self.board.dht
-        if not dht.is_alive():
+        if not self.board.dht.is_alive():
             return  # the record expires by itself
         try:
             # Bounded: shutdown must not hang on a stuck DHT process (the record then expires by itself).
-            dht.store(key=self.board.progress_key, subkey=self.board.signer.local_public_key, value=None,
-                      expiration_time=get_dht_time() + RECORD_TTL, return_future=True).result(timeout=LEAVE_TIMEOUT)
+            self.board.withdraw().result(timeout=LEAVE_TIMEOUT)
         except Exception as e:
             logger.warning("could not withdraw the progress record: %s", e)
 
