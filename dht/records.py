@@ -1,27 +1,16 @@
-"""Signed progress records in the DHT: what each peer tells the swarm about itself.
+"""Progress records: what each peer tells the swarm about itself, and what the swarm's records decide.
 
-One DHT key per run (``{run_id}_progress``) holds one subkey per peer. The
-subkey carries the peer's RSA public key, so hivemind's RSASignatureValidator
-lets only the key's owner write it: nobody can overwrite another peer's record.
-A schema validator refuses values of the wrong shape or type. Values travel as
-msgpack (hivemind's DHT serializer), never pickle.
+Records are published and read through ``dht.board.SignedBoard`` (kind ``PROGRESS``). The
+functions here are pure: which theta_g a peer's epoch agrees on (``check_agreement``) and which
+state a majority of the swarm vouches for (``vouched_state``).
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import hivemind
 import pydantic.v1 as pydantic
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
-from hivemind.dht.validation import RecordValidatorBase
-from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
 
 # A record older than this is a peer that left (or crashed): it disappears from views and status.
 RECORD_TTL = 60.0
@@ -39,82 +28,6 @@ class ProgressRecord(pydantic.BaseModel):
     in_sync: pydantic.StrictBool
     time: pydantic.StrictFloat
     maddrs: list[pydantic.StrictStr]
-
-
-class _ProgressSchema(pydantic.BaseModel):
-    progress: dict[BytesWithPublicKey, ProgressRecord | None]
-
-
-def load_or_create_record_key(path: Path) -> RSAPrivateKey:
-    """The RSA key that signs this peer's records; kept in the run dir so a restart owns its old record."""
-    from cryptography.hazmat.primitives import serialization
-
-    key = RSAPrivateKey.__new__(RSAPrivateKey)
-    if path.exists():
-        key._private_key = serialization.load_der_private_key(path.read_bytes(), password=None)
-        return key
-    key = RSAPrivateKey()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(key.to_bytes())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    return key
-
-
-def record_validators(run_id: str, key: RSAPrivateKey | None = None) -> list[RecordValidatorBase]:
-    return [SchemaValidator(_ProgressSchema, prefix=run_id), RSASignatureValidator(key)]
-
-
-def progress_key(run_id: str) -> str:
-    return f"{run_id}_progress"
-
-
-class ProgressBoard:
-    """Publishes this peer's record and reads everyone's, for one run."""
-
-    def __init__(self, *, dht: hivemind.DHT, run_id: str, signer: RSASignatureValidator | None = None) -> None:
-        self.dht = dht
-        self.run_id = run_id
-        self.signer = signer
-
-    @property
-    def progress_key(self) -> str:
-        return progress_key(self.run_id)
-
-    def publish(self, record: ProgressRecord, *, ttl: float = RECORD_TTL, wait: bool = True) -> Any:
-        """Store this peer's record under its own signed subkey; with wait=False returns a future at once."""
-        assert self.signer is not None, "a read-only board cannot publish"
-        return self.dht.store(
-            key=self.progress_key, subkey=self.signer.local_public_key, value=record.dict(),
-            expiration_time=get_dht_time() + ttl, return_future=not wait,
-        )
-
-    def withdraw(self, *, ttl: float = RECORD_TTL) -> Any:
-        """Replace this peer's record with an empty one under its own subkey; returns a future at once."""
-        assert self.signer is not None, "a read-only board cannot withdraw"
-        return self.dht.store(
-            key=self.progress_key, subkey=self.signer.local_public_key, value=None,
-            expiration_time=get_dht_time() + ttl, return_future=True,
-        )
-
-    def read(self, *, latest: bool = True) -> list[ProgressRecord]:
-        """Live records of the run, newest first; malformed ones are dropped (the validators already refuse most)."""
-        found = self.dht.get(self.progress_key, latest=latest, return_future=False)
-        if found is None or not isinstance(found.value, dict):
-            return []
-        records = []
-        now = get_dht_time()
-        for entry in found.value.values():
-            value: Any = getattr(entry, "value", None)
-            if not isinstance(value, dict):
-                continue
-            try:
-                record = ProgressRecord.parse_obj(value)
-            except pydantic.ValidationError:
-                continue
-            if entry.expiration_time > now:
-                records.append(record)
-        return sorted(records, key=lambda r: -r.time)
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,9 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
+from dht.board import PROGRESS, SignedBoard, load_or_create_record_key, run_validators
 from dht.node import pick_join_address
-from dht.records import (
-    ProgressBoard,
-    ProgressRecord,
-    check_agreement,
-    load_or_create_record_key,
-    record_validators,
-    vouched_state,
-)
+from dht.records import ProgressRecord, check_agreement, vouched_state
 
 
 def test_join_address_is_not_loopback_when_another_exists() -> None:
@@ -67,20 +61,20 @@ def test_the_swarm_vouches_only_for_what_a_majority_holds() -> None:
 def test_records_are_signed_and_cannot_be_overwritten_by_another_peer(tmp_path: Path) -> None:
     key_a, key_b = load_or_create_record_key(tmp_path / "a.key"), load_or_create_record_key(tmp_path / "b.key")
     assert load_or_create_record_key(tmp_path / "a.key").to_bytes() == key_a.to_bytes()  # persisted
-    dht_a = hivemind.DHT(start=True, record_validators=record_validators("run", key_a))
-    dht_b = hivemind.DHT(start=True, initial_peers=dht_a.get_visible_maddrs(), record_validators=record_validators("run", key_b))
+    dht_a = hivemind.DHT(start=True, record_validators=run_validators("run", key_a))
+    dht_b = hivemind.DHT(start=True, initial_peers=dht_a.get_visible_maddrs(), record_validators=run_validators("run", key_b))
     try:
         signer_a, signer_b = RSASignatureValidator(key_a), RSASignatureValidator(key_b)
-        board_a = ProgressBoard(dht=dht_a, run_id="run", signer=signer_a)
-        board_b = ProgressBoard(dht=dht_b, run_id="run", signer=signer_b)
+        board_a = SignedBoard(dht=dht_a, run_id="run", kind=PROGRESS, signer=signer_a)
+        board_b = SignedBoard(dht=dht_b, run_id="run", kind=PROGRESS, signer=signer_b)
         assert board_a.publish(record("peer-a", 1, "a" * 64))
         assert board_b.publish(record("peer-b", 1, "b" * 64))
         # b tries to write under a's subkey: the signature validator refuses it.
-        forged = dht_b.store(board_b.progress_key, subkey=signer_a.local_public_key, value=record("peer-a", 9, "f" * 64).dict(),
+        forged = dht_b.store(board_b.key, subkey=signer_a.local_public_key, value=record("peer-a", 9, "f" * 64).dict(),
                              expiration_time=get_dht_time() + 30)
         assert not forged
         # A value of the wrong shape is refused by the schema.
-        bad = dht_b.store(board_b.progress_key, subkey=signer_b.local_public_key, value={"epoch": "nine"},
+        bad = dht_b.store(board_b.key, subkey=signer_b.local_public_key, value={"epoch": "nine"},
                           expiration_time=get_dht_time() + 30)
         assert not bad
         seen = {r.peer_id: r for r in board_a.read()}
@@ -98,3 +92,28 @@ def test_schema_is_strict(field: str) -> None:
     values[field] = "1" if field == "epoch" else "not-a-hash"
     with pytest.raises(pydantic.ValidationError):
         ProgressRecord.parse_obj(values)
+
+
+def test_a_withdrawn_offer_is_gone_from_the_dht_for_every_reader(tmp_path: Path) -> None:
+    """Offers and progress records share one board mechanism; withdrawing one removes it from the DHT."""
+    from dht.board import OFFERS
+    from dht.offers import Offer
+
+    key_a = load_or_create_record_key(tmp_path / "a.key")
+    dht_a = hivemind.DHT(start=True, record_validators=run_validators("run", key_a))
+    reader = hivemind.DHT(start=True, initial_peers=dht_a.get_visible_maddrs(), record_validators=run_validators("run"))
+    try:
+        offers = SignedBoard(dht=dht_a, run_id="run", kind=OFFERS, signer=RSASignatureValidator(key_a))
+        progress = SignedBoard(dht=dht_a, run_id="run", kind=PROGRESS, signer=RSASignatureValidator(key_a))
+        offer = Offer(peer_id="peer-a", epoch=3, param_sha256="a" * 64, manifest_sha256="b" * 64, total_bytes=10,
+                      tcp=["127.0.0.1:5"], time=get_dht_time())
+        assert offers.publish(offer) and progress.publish(record("peer-a", 3, "a" * 64))
+        seen = SignedBoard(dht=reader, run_id="run", kind=OFFERS)
+        assert [o.manifest_sha256 for o in seen.read()] == ["b" * 64]
+        assert offers.withdraw(wait=True)
+        assert seen.read() == []
+        # The progress record, a separate kind under its own key, is untouched.
+        assert [r.peer_id for r in SignedBoard(dht=reader, run_id="run", kind=PROGRESS).read()] == ["peer-a"]
+    finally:
+        dht_a.shutdown()
+        reader.shutdown()

@@ -194,7 +194,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from dht.node import SwarmError, SwarmNode
-    from dht.records import ProgressBoard, record_validators
+    from dht.board import PROGRESS, SignedBoard, run_validators
     from dht.status import render_json, render_table
 
     peers = [item for value in args.initial_peers for item in value.split(",") if item]
@@ -202,11 +202,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         node = SwarmNode(
             identity_path=Path(tmp) / "identity.key", initial_peers=cfg.swarm.initial_peers,
-            record_validators=record_validators(cfg.run.run_id), client_mode=True,
+            record_validators=run_validators(cfg.run.run_id), client_mode=True,
         )
         try:
             node.start()
-            board = ProgressBoard(dht=node.dht, run_id=cfg.run.run_id)
+            board = SignedBoard(dht=node.dht, run_id=cfg.run.run_id, kind=PROGRESS)
             deadline = time.monotonic() + args.wait
             records = board.read()
             while not records and time.monotonic() < deadline:
