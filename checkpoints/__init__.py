@@ -4,10 +4,10 @@
 from checkpoints.background import BackgroundSaver
 from checkpoints.digest import param_sha256
 from checkpoints.errors import CheckpointError, InvalidCheckpointError, RunDirLockedError
-from checkpoints.fetch import FetchResult, fetch_state, rank_offers
+from checkpoints.transfer.fetch import FetchResult, fetch_state, rank_offers
 from checkpoints.lock import RunDirLock
-from checkpoints.serve import StateServer
-from checkpoints.snapshot import StateSnapshot, StateTransferError, decode_snapshot, parse_manifest
+from checkpoints.transfer.server import StateServer
+from checkpoints.transfer.snapshot import StateSnapshot, StateTransferError, decode_snapshot, parse_manifest
 from checkpoints.state import TrainingState
 from checkpoints.store import CheckpointStore, LoadedCheckpoint
 

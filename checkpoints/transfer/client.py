@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Sequence
 
-from checkpoints.wire import (
+from checkpoints.transfer.wire import (
     RESPONSE_HEAD,
     ProtocolError,
     Request,

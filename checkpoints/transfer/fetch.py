@@ -37,9 +37,9 @@ from typing import Any, Protocol
 
 import torch
 
-from checkpoints.client import DonorBusy, DonorConnection, DonorGone, DonorMisbehaved
+from checkpoints.transfer.client import DonorBusy, DonorConnection, DonorGone, DonorMisbehaved
 from checkpoints.digest import param_sha256
-from checkpoints.snapshot import (
+from checkpoints.transfer.snapshot import (
     DEFAULT_MAX_TOTAL_BYTES,
     MAX_MANIFEST_BYTES,
     Manifest,

@@ -26,8 +26,8 @@ import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from checkpoints.snapshot import StateSnapshot, StateTransferError
-from checkpoints.wire import (
+from checkpoints.transfer.snapshot import StateSnapshot, StateTransferError
+from checkpoints.transfer.wire import (
     REQUEST_HEAD,
     ProtocolError,
     Request,

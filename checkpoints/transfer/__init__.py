@@ -1,0 +1,1 @@
+"""State between peers (being restructured; see the package map once complete)."""
