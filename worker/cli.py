@@ -15,8 +15,9 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.config import ConfigError, FieldSpec, field_specs, is_bool_field, is_list_field, load_config
+from worker.config import FieldSpec, field_specs, is_bool_field, is_list_field, load_config
 from worker.console import error_line
+from worker.errors import WorkerError
 
 if TYPE_CHECKING:
     from worker.runtime import Worker
@@ -115,11 +116,7 @@ def _unusable_dir(path: Path) -> str | None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from checkpoints import CheckpointError, RunDirLockedError
-    from dht.node import SwarmError
-    from worker.data import DataError
-    from worker.model import ModelError
-    from worker.runtime import Worker, WorkerError
+    from worker.runtime import Worker
 
     cfg = load_config(file=args.config, cli=_cli_values(args))
     problem = _unusable_dir(cfg.run.run_dir)
@@ -131,7 +128,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     try:
         worker.start()
         worker.run()
-    except (WorkerError, ModelError, DataError, SwarmError, RunDirLockedError, CheckpointError) as e:
+    except WorkerError as e:
         error_line(str(e))
         code = EXIT_USAGE
     except KeyboardInterrupt:
@@ -144,11 +141,9 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def _shut_down(worker: Worker, code: int) -> int:
     """Stop `worker` (final save, children, lock) and return the exit code, `code` unless that was 0."""
-    from checkpoints import CheckpointError
-
     try:
         worker.shutdown()
-    except CheckpointError as e:  # the last checkpoint could not be written
+    except WorkerError as e:  # the last checkpoint could not be written
         error_line(str(e))
         return code or EXIT_USAGE
     except KeyboardInterrupt:
@@ -193,8 +188,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from dht.node import SwarmError, SwarmNode
     from dht.board import PROGRESS, SignedBoard, run_validators
+    from dht.node import SwarmError, SwarmNode
     from dht.status import render_json, render_table
 
     peers = [item for value in args.initial_peers for item in value.split(",") if item]
@@ -236,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "swarm":
             return cmd_swarm(args)
-    except ConfigError as e:
+    except WorkerError as e:  # ConfigError among them
         error_line(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C outside the worker's own handling (e.g. while reporting an error)

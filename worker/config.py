@@ -26,8 +26,10 @@ from pydantic import (
     model_validator,
 )
 
+from worker.errors import WorkerError
 
-class ConfigError(Exception):
+
+class ConfigError(WorkerError):
     """A configuration the worker refuses to start with; the message is one line."""
 
 

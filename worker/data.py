@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from worker.console import one_line
+from worker.errors import WorkerError
 
 
-class DataError(Exception):
+class DataError(WorkerError):
     """A dataset or tokenizer that cannot be used; one-line message."""
 
 

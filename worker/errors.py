@@ -1,5 +1,10 @@
-"""Errors the worker reports to the user as one line (the CLI prints them and exits non-zero)."""
+"""The one base class of errors the worker reports to the user as one line.
+
+The CLI prints any ``WorkerError`` as one line on stderr and exits non-zero, never with a
+traceback. Errors of ``dht``, ``averaging`` and ``checkpoints`` (which may not import ``worker``)
+are turned into a ``WorkerError`` where the worker calls them, with the same message.
+"""
 
 
 class WorkerError(Exception):
-    """The worker cannot start or go on as asked; one-line message."""
+    """The worker cannot start or go on as asked; one-line message naming what is wrong and what is allowed."""

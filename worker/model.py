@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from worker.console import one_line
+from worker.errors import WorkerError
 
 # Llama-3's tokenizer; the byte tokenizer fits in any vocabulary of at least 259.
 LLAMA3_VOCAB = 128256
@@ -42,7 +43,7 @@ PRESETS: dict[str, dict[str, int | float | bool]] = {
 }
 
 
-class ModelError(Exception):
+class ModelError(WorkerError):
     """A model preset or config directory that cannot be used; one-line message."""
 
 

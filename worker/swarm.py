@@ -15,14 +15,9 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
-from dht.records import (
-    RECORD_TTL,
-    Agreement,
-    ProgressBoard,
-    ProgressRecord,
-    check_agreement,
-    vouched_state,
-)
+from dht.board import PROGRESS, SignedBoard
+from dht.records import RECORD_TTL, Agreement, ProgressRecord, check_agreement, vouched_state
+from worker.round_state import RoundState
 
 logger = logging.getLogger(__name__)
 
@@ -30,16 +25,6 @@ logger = logging.getLogger(__name__)
 PUBLISH_EVERY = RECORD_TTL / 4
 # Longest a clean shutdown waits to withdraw its record; past it the record expires after RECORD_TTL.
 LEAVE_TIMEOUT = 5.0
-
-
-@dataclass
-class LocalProgress:
-    epoch: int = 0
-    inner_step: int = 0
-    tokens_per_s: float = 0.0
-    loss: float = float("nan")
-    param_sha256: str = "0" * 64
-    in_sync: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,36 +38,32 @@ class RoundMembers:
 class SwarmView:
     """Reads and writes this run's progress board on behalf of one worker."""
 
-    def __init__(self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator, maddrs: list[str]) -> None:
-        self.board = ProgressBoard(dht=dht, run_id=run_id, signer=signer)
+    def __init__(
+        self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator, maddrs: list[str],
+        state: RoundState,
+    ) -> None:
+        self.board = SignedBoard(dht=dht, run_id=run_id, kind=PROGRESS, signer=signer)
         self.peer_id = peer_id
         self.maddrs = maddrs
+        self.state = state  # what this peer publishes: its record is derived from it at each publish
         self._last_publish = 0.0
-        self._progress: LocalProgress | None = None
 
-    def publish(self, progress: LocalProgress, *, force: bool = False, wait: bool = False) -> None:
-        """Store this peer's record (at most every PUBLISH_EVERY seconds unless `force`). With `wait`,
-        return only once the store is done, so that the next read by any peer sees the record."""
-        self._progress = progress
+    def publish(self, *, force: bool = False, wait: bool = False) -> None:
+        """Store this peer's record, derived from its round state (at most every PUBLISH_EVERY seconds
+        unless `force`). With `wait`, return only once the store is done, so that the next read by any
+        peer sees the record."""
         now = time.monotonic()
         if not force and now - self._last_publish < PUBLISH_EVERY:
             return
         self._last_publish = now
-        loss = progress.loss if progress.loss == progress.loss else -1.0  # NaN is not comparable in the schema check
-        record = ProgressRecord(
-            peer_id=self.peer_id, epoch=progress.epoch, inner_step=progress.inner_step,
-            tokens_per_s=float(progress.tokens_per_s), loss=float(loss), param_sha256=progress.param_sha256,
-            in_sync=progress.in_sync, time=get_dht_time(), maddrs=self.maddrs,
-        )
         try:
-            self.board.publish(record, wait=wait)
+            self.board.publish(self.state.record(peer_id=self.peer_id, maddrs=self.maddrs), wait=wait)
         except Exception as e:  # a DHT hiccup must never stop training
             logger.warning("could not publish progress: %s", e)
 
     def _keep_alive(self) -> None:
         """While waiting, keep this peer's record from expiring."""
-        if self._progress is not None:
-            self.publish(self._progress)
+        self.publish()
 
     def others(self) -> list[ProgressRecord]:
         try:
@@ -97,7 +78,7 @@ class SwarmView:
             return  # the record expires by itself
         try:
             # Bounded: shutdown must not hang on a stuck DHT process (the record then expires by itself).
-            self.board.withdraw().result(timeout=LEAVE_TIMEOUT)
+            self.board.withdraw(wait=False).result(timeout=LEAVE_TIMEOUT)
         except Exception as e:
             logger.warning("could not withdraw the progress record: %s", e)
 

@@ -1,0 +1,276 @@
+"""One DiLoCo outer round, as named phases, ending in one outcome.
+
+At the end of each inner phase the worker runs ``OuterRound.run``. Its phases, in order:
+
+1. ``pseudo_gradient``: delta = theta_g - theta_local; a non-finite delta drops the round.
+2. ``check_agreement``: theta_g must still agree with the swarm's (signed progress records);
+   a disagreement ends the round as DESYNC (the loop repairs before contributing again).
+3. ``wait_for_members``: wait (half the outer step's time at most) for this round's peers.
+4. ``average``: average delta with them (``averaging.SwarmAverager``).
+5. ``check_overtaken``: alone while the swarm already settled this epoch? Take its state instead.
+6. ``apply``: the outer step on the averaged (or, alone, this worker's own) delta.
+
+After each phase the facts gathered so far go to ``decide``, a pure function: it names the
+outcome (averaged, alone, overtaken, desync, dropped, stopped) or says the next phase must run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+import torch
+
+from averaging import RoundResult, SwarmAverager
+from averaging.outer import OuterOptimizer
+from checkpoints import param_sha256
+from dht.records import Agreement
+from worker.console import notice
+from worker.faults import FaultPlan
+from worker.metrics import MetricsLog
+from worker.round_state import RoundState
+from worker.state_sync import StateSync
+from worker.swarm import RoundMembers, SwarmView
+from worker.train import InnerTrainer
+
+
+class Outcome(StrEnum):
+    AVERAGED = "averaged"  # a group averaged its pseudo-gradients; theta_g took the outer step
+    ALONE = "alone"  # nobody to average with (or the group failed): this worker's own delta is the average
+    OVERTAKEN = "overtaken"  # the swarm settled this epoch without this worker: its state was taken instead
+    DESYNC = "desync"  # theta_g disagrees with the swarm's majority: nothing applied, repair first
+    DROPPED = "dropped"  # the pseudo-gradient is not finite: the round's inner work is dropped
+    STOPPED = "stopped"  # a stop was asked for mid-round: left unfinished, the checkpoint redoes it
+
+
+@dataclass(frozen=True)
+class RoundFacts:
+    """What the phases found so far; None is a question no phase has answered yet."""
+
+    finite: bool | None = None  # is the pseudo-gradient finite?
+    agrees: bool | None = None  # does theta_g agree with the swarm's at this epoch?
+    stop_requested: bool = False  # has a stop (Ctrl-C, SIGTERM) been asked for?
+    group_size: int | None = None  # members averaged, this one included (1: alone or failed)
+    swarm_ahead: bool | None = None  # has a majority of the swarm moved past this epoch?
+    took_swarm_state: bool | None = None  # did this worker load the state the swarm moved on to?
+
+
+def decide(f: RoundFacts) -> Outcome | None:
+    """The round's outcome from the facts so far, or None when the next phase must run first."""
+    if f.finite is None:
+        return None
+    if not f.finite:
+        return Outcome.DROPPED
+    if f.agrees is None:
+        return None
+    if not f.agrees:
+        return Outcome.DESYNC
+    if f.group_size is None:
+        # Stopped while waiting for the members: a lone update the swarm does not share would be worse.
+        return Outcome.STOPPED if f.stop_requested else None
+    if f.group_size > 1:
+        return Outcome.AVERAGED
+    if f.swarm_ahead is None:
+        return None
+    if not f.swarm_ahead:
+        return Outcome.ALONE
+    if f.took_swarm_state is None:
+        return Outcome.STOPPED if f.stop_requested else None
+    if f.took_swarm_state:
+        return Outcome.OVERTAKEN
+    # Ahead, but its state could not be had in time: stop unfinished rather than diverge, else go on alone.
+    return Outcome.STOPPED if f.stop_requested else Outcome.ALONE
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """The one value a round returns: its outcome and what it measured."""
+
+    outcome: Outcome
+    epoch: int  # the epoch this round trained (the one that begins next is epoch + 1 when applied)
+    group_size: int = 1
+    expected_peers: int = 1
+    allreduce_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    failures: tuple[str, ...] = ()
+    agreement: Agreement | None = None  # what the swarm holds, for DESYNC
+    swarm_epoch: int = -1  # where the swarm was, for OVERTAKEN
+
+
+@dataclass(frozen=True)
+class RoundTiming:
+    """Bounds on one outer step (``[swarm]`` config): request < matchmaking < averaging timeout."""
+
+    averaging_timeout: float  # the whole outer step: waiting, matchmaking and the all-reduce
+    matchmaking_time: float  # one matchmaking window
+    request_timeout: float  # one request to a peer
+    inner_steps: int  # H: how far a member's inner phase goes
+
+
+@dataclass
+class _Round:
+    """One round in progress: its facts, its deadline and the measurements for its report."""
+
+    epoch: int
+    deadline: float  # monotonic time by which the outer step must be over
+    facts: RoundFacts = field(default_factory=RoundFacts)
+    members: RoundMembers | None = None
+    result: RoundResult | None = None
+    agreement: Agreement | None = None
+    swarm_epoch: int = -1
+
+
+class OuterRound:
+    """Runs the outer step at the end of each inner phase, on the collaborators it is given."""
+
+    def __init__(
+        self, *, state: RoundState, names: list[str], swarm: SwarmView, averager: SwarmAverager,
+        outer: OuterOptimizer, trainer: InnerTrainer, sync: StateSync, metrics: MetricsLog, faults: FaultPlan,
+        timing: RoundTiming, stop: Callable[[], bool],
+    ) -> None:
+        self.state, self.names, self.swarm, self.averager = state, names, swarm, averager
+        self.outer, self.trainer, self.sync, self.metrics = outer, trainer, sync, metrics
+        self.faults, self.timing, self.stop = faults, timing, stop
+
+    def run(self) -> RoundReport:
+        began = time.perf_counter()
+        r = _Round(epoch=self.state.epoch, deadline=time.monotonic() + self.timing.averaging_timeout)
+        phases = (self.pseudo_gradient, self.check_agreement, self.wait_for_members, self.average,
+                  self.check_overtaken)
+        outcome = None
+        for phase in phases:
+            r.facts = replace(phase(r), stop_requested=self.stop())
+            outcome = decide(r.facts)
+            if outcome is not None:
+                break
+        assert outcome is not None, f"no outcome from {r.facts}"
+        report = self._report(r, outcome)
+        self._finish(report, began=began)
+        return report
+
+    # -- phases: each returns the facts with its own answer added -------------------------------
+
+    def pseudo_gradient(self, r: _Round) -> RoundFacts:
+        self.outer.compute_pseudo_gradient(self.trainer.params)
+        return replace(r.facts, finite=all(bool(torch.isfinite(d).all()) for d in self.outer.delta))
+
+    def check_agreement(self, r: _Round) -> RoundFacts:
+        r.agreement = self.swarm.agreement(epoch=r.epoch, my_hash=self.state.param_sha256)
+        return replace(r.facts, agrees=r.agreement.mine_agrees)
+
+    def wait_for_members(self, r: _Round) -> RoundFacts:
+        """Tell the others this worker is ready, then wait (bounded) for the peers still in their inner
+        phase: half of the outer step's time at most, so that matchmaking and the all-reduce keep the rest."""
+        self.swarm.publish(force=True)
+        r.members = self.swarm.wait_for_round(
+            epoch=r.epoch, param_sha256=self.state.param_sha256, inner_steps=self.timing.inner_steps,
+            until=time.monotonic() + max(0.0, self.timing.averaging_timeout / 2), stop=self.stop,
+        )
+        return r.facts  # a stop while waiting is the only thing this phase decides (by leaving group_size open)
+
+    def average(self, r: _Round) -> RoundFacts:
+        """Average with whoever matchmaking finds. The board is only a hint (a DHT read can miss a record
+        just rewritten): look for a group also when last round's groupmates do not show up as ready."""
+        assert r.members is not None
+        expected = r.members.ready
+        if expected == 1 and self.state.peers_seen == 1:
+            return replace(r.facts, group_size=1)
+        left = max(1.0, r.deadline - time.monotonic())
+        if expected == 1:  # only a hint: a few matchmaking windows, not the whole outer step, if nobody comes
+            left = min(left, 2 * self.timing.matchmaking_time + self.timing.request_timeout)
+        r.result = self.averager.average(
+            self.outer.delta, weight=float(self.state.tokens), epoch=r.epoch, deadline=time.time() + left,
+            # Only peers starting from the same theta_g may average: mixing two would split the swarm.
+            state=self.state.param_sha256[:16],
+            # Start as soon as all are there, but only when nobody else could still join: a peer the board
+            # shows elsewhere (joining, repairing, a record not yet updated) gets the whole matchmaking
+            # window, or a group that started without it would leave it alone.
+            expected_peers=expected if r.members.everyone and expected > 1 else None,
+            # Someone already at the next epoch: the round was settled without this worker (its own attempt
+            # failed where the others' succeeded); retrying until the deadline is pointless.
+            give_up=lambda: self.swarm.overtaken_at(epoch=r.epoch) >= 0,
+        )
+        return replace(r.facts, group_size=r.result.group_size)
+
+    def check_overtaken(self, r: _Round) -> RoundFacts:
+        """Alone while the swarm is already further along (its fetched state was overtaken during the
+        download, or it missed the group): take the swarm's state rather than publish a theta_g of its
+        own for an epoch the swarm has settled otherwise."""
+        r.swarm_epoch = self.swarm.overtaken_at(epoch=r.epoch)
+        if r.swarm_epoch < 0:
+            return replace(r.facts, swarm_ahead=False)
+        if self.stop():
+            return replace(r.facts, swarm_ahead=True)
+        took = False
+        while not self.stop() and not took:
+            took = self.sync.catch_up(wait_until=r.deadline)
+            if took or time.monotonic() >= r.deadline:
+                break
+            time.sleep(0.5)  # the newest state is offered a moment after its round ends
+        return replace(r.facts, swarm_ahead=True, took_swarm_state=took)
+
+    # -- the end of the round ------------------------------------------------------------------
+
+    def _report(self, r: _Round, outcome: Outcome) -> RoundReport:
+        result = r.result
+        return RoundReport(
+            outcome=outcome, epoch=r.epoch, group_size=result.group_size if result else 1,
+            expected_peers=r.members.ready if r.members else 1,
+            allreduce_s=result.allreduce_s if result else 0.0, bytes_sent=result.bytes_sent if result else 0,
+            bytes_received=result.bytes_received if result else 0,
+            failures=tuple(result.failures[-3:]) if result else (), agreement=r.agreement,
+            swarm_epoch=r.swarm_epoch,
+        )
+
+    def _finish(self, report: RoundReport, *, began: float) -> None:
+        """What each outcome leaves behind: theta_g, the local model, the board, the metrics."""
+        if report.outcome in (Outcome.AVERAGED, Outcome.ALONE):
+            self._apply(report, began=began)
+        elif report.outcome is Outcome.DROPPED:
+            # A diverged local model must not reach theta_g, nor anyone else's: drop this round's work.
+            notice(f"[bold red]the pseudo-gradient of epoch {report.epoch} is not finite: round dropped[/]")
+            self.metrics.emit("round_dropped", epoch=report.epoch, reason="non-finite pseudo-gradient")
+            self.outer.copy_to(self.trainer.params)
+            self.state.restart()
+        elif report.outcome is Outcome.DESYNC:
+            self._desync(report)
+        elif report.outcome is Outcome.OVERTAKEN:
+            notice(f"[yellow]the swarm reached epoch {report.swarm_epoch} while this worker trained epoch "
+                   f"{report.epoch}: took its state instead of a lone update[/]")
+            self.metrics.emit("round_dropped", epoch=report.epoch, reason="overtaken by the swarm",
+                              swarm_epoch=report.swarm_epoch, failures=list(report.failures))
+        # STOPPED: nothing; the checkpoint keeps the local model at step H and a restart redoes this step.
+
+    def _desync(self, report: RoundReport) -> None:
+        a = report.agreement
+        assert a is not None
+        self.state.in_sync = False
+        self.swarm.publish(force=True)
+        notice(
+            f"[bold red]theta_g at epoch {report.epoch} disagrees with the swarm ({a.votes} of {a.peers} peers "
+            f"hold {str(a.majority_hash)[:12]}, this peer {self.state.param_sha256[:12]}): repairing from the "
+            "swarm before contributing again[/]"
+        )
+        self.metrics.emit("desync", epoch=report.epoch, majority_hash=a.majority_hash, votes=a.votes,
+                          peers=a.peers, param_sha256=self.state.param_sha256)
+        self.sync.withdraw()  # stop announcing a state the swarm does not hold
+
+    def _apply(self, report: RoundReport, *, began: float) -> None:
+        """The outer step: on the group's average, or alone on this worker's own delta (DiLoCo, M=1)."""
+        self.outer.step()
+        tokens, inner_s = self.state.tokens, self.state.inner_s
+        self.faults.after_outer_step(report.epoch + 1, self.outer.params)  # a no-op unless a test asks
+        self.outer.copy_to(self.trainer.params)
+        digest = param_sha256(dict(zip(self.names, self.outer.params, strict=True)))
+        self.state.advance(param_sha256=digest, group_size=report.group_size)
+        self.swarm.publish(force=True)
+        self.sync.offer()
+        self.metrics.emit(
+            "outer_step", epoch=self.state.epoch, group_size=report.group_size, param_sha256=digest,
+            blocked_s=time.perf_counter() - began, allreduce_s=report.allreduce_s, bytes_sent=report.bytes_sent,
+            bytes_received=report.bytes_received, tokens=tokens, expected_peers=report.expected_peers,
+            in_sync=self.state.in_sync, failures=list(report.failures), inner_s=inner_s,
+        )
