@@ -84,7 +84,8 @@ class SignedBoard(Generic[R]):
     """
 
     def __init__(
-        self, *, dht: hivemind.DHT, run_id: str, kind: RecordKind[R], signer: RSASignatureValidator | None = None
+        self, *, dht: hivemind.DHT, run_id: str, kind: RecordKind[R],
+        signer: RSASignatureValidator | None = None,
     ) -> None:
         self.dht = dht
         self.kind = kind

@@ -7,4 +7,4 @@ are turned into a ``WorkerError`` where the worker calls them, with the same mes
 
 
 class WorkerError(Exception):
-    """The worker cannot start or go on as asked; one-line message naming what is wrong and what is allowed."""
+    """The worker cannot start or go on as asked; a one-line message: what is wrong and what is allowed."""

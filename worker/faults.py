@@ -56,7 +56,8 @@ def _parse(item: str) -> Fault:
         raise WorkerError(f"{ENV_VAR}: unknown seam {seam!r} in {item!r}; known: {', '.join(SEAMS)}")
     if seam == "kill_checkpoint":
         if when not in CHECKPOINT_PHASES:
-            raise WorkerError(f"{ENV_VAR}: {item!r} needs a phase, one of {', '.join(sorted(CHECKPOINT_PHASES))}")
+            phases = ", ".join(sorted(CHECKPOINT_PHASES))
+            raise WorkerError(f"{ENV_VAR}: {item!r} needs a phase, one of {phases}")
         return Fault(seam, phase=when)
     later = when.endswith("+")
     if not when.removesuffix("+").isdigit():

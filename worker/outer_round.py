@@ -169,7 +169,8 @@ class OuterRound:
             epoch=r.epoch, param_sha256=self.state.param_sha256, inner_steps=self.timing.inner_steps,
             until=time.monotonic() + max(0.0, self.timing.averaging_timeout / 2), stop=self.stop,
         )
-        return r.facts  # a stop while waiting is the only thing this phase decides (by leaving group_size open)
+        # A stop while waiting is all this phase decides (group_size stays open: decide() says STOPPED).
+        return r.facts
 
     def average(self, r: _Round) -> RoundFacts:
         """Average with whoever matchmaking finds. The board is only a hint (a DHT read can miss a record
@@ -250,9 +251,9 @@ class OuterRound:
         self.state.in_sync = False
         self.swarm.publish(force=True)
         notice(
-            f"[bold red]theta_g at epoch {report.epoch} disagrees with the swarm ({a.votes} of {a.peers} peers "
-            f"hold {str(a.majority_hash)[:12]}, this peer {self.state.param_sha256[:12]}): repairing from the "
-            "swarm before contributing again[/]"
+            f"[bold red]theta_g at epoch {report.epoch} disagrees with the swarm ({a.votes} of {a.peers} "
+            f"peers hold {str(a.majority_hash)[:12]}, this peer {self.state.param_sha256[:12]}): "
+            "repairing from the swarm before contributing again[/]"
         )
         self.metrics.emit("desync", epoch=report.epoch, majority_hash=a.majority_hash, votes=a.votes,
                           peers=a.peers, param_sha256=self.state.param_sha256)
@@ -270,7 +271,8 @@ class OuterRound:
         self.sync.offer()
         self.metrics.emit(
             "outer_step", epoch=self.state.epoch, group_size=report.group_size, param_sha256=digest,
-            blocked_s=time.perf_counter() - began, allreduce_s=report.allreduce_s, bytes_sent=report.bytes_sent,
-            bytes_received=report.bytes_received, tokens=tokens, expected_peers=report.expected_peers,
-            in_sync=self.state.in_sync, failures=list(report.failures), inner_s=inner_s,
+            blocked_s=time.perf_counter() - began, allreduce_s=report.allreduce_s,
+            bytes_sent=report.bytes_sent, bytes_received=report.bytes_received, tokens=tokens,
+            expected_peers=report.expected_peers, in_sync=self.state.in_sync, failures=list(report.failures),
+            inner_s=inner_s,
         )

@@ -55,7 +55,8 @@ class DiskState:
             tensors["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.state.inner_step:
             # Mid-round: the local model has moved away from theta_g and must be kept too.
-            tensors["local"] = {n: p.detach().cpu() for n, p in zip(self.names, self.trainer.params, strict=True)}
+            local = zip(self.names, self.trainer.params, strict=True)
+            tensors["local"] = {n: p.detach().cpu() for n, p in local}
         meta: dict[str, Any] = {
             "run_id": self.run_id,
             "model_signature": self.signature,
@@ -64,7 +65,7 @@ class DiskState:
             "round_tokens": self.state.tokens,
             "data": self.data.state(),
             "inner_optimizer": inner_meta,
-            # theta_g only changes at an outer step (or a fetch), which refreshes this hash: no second pass here.
+            # theta_g only changes at an outer step (or a fetch), which refreshes this hash: no second pass.
             "param_sha256": self.state.param_sha256,
         }
         return TrainingState(epoch=self.state.epoch, tensors=tensors, meta=meta)
@@ -82,7 +83,7 @@ class DiskState:
             raise WorkerError(str(e)) from None
 
     def saved(self, state: TrainingState, path: Path) -> None:
-        """A checkpoint is in place. Called on the saver's thread too: one assignment, and MetricsLog locks."""
+        """A checkpoint is in place. Called on the saver's thread too: one assignment; MetricsLog locks."""
         self.saved_at = (state.epoch, state.inner_step)
         self.metrics.emit("checkpoint_saved", epoch=state.epoch, inner_step=state.inner_step, path=str(path))
 
@@ -99,7 +100,9 @@ class DiskState:
             notice(f"[yellow]checkpoint {path.name} is unusable ({reason}); falling back to an older one[/]")
         state, meta = loaded.state, loaded.state.meta
         if meta.get("run_id") != self.run_id or meta.get("model_signature") != self.signature:
-            raise WorkerError(f"checkpoint {loaded.path} belongs to another run or model shape; use another --run-dir")
+            raise WorkerError(
+                f"checkpoint {loaded.path} belongs to another run or model shape; use another --run-dir"
+            )
         missing = [n for n in self.names if n not in state.tensors["global"]]
         if missing:
             raise WorkerError(f"checkpoint {loaded.path} lacks parameter {missing[0]}; use another --run-dir")
@@ -107,8 +110,9 @@ class DiskState:
         self.saved_at = (self.state.epoch, self.state.inner_step)
         size = sum(t.numel() * t.element_size() for group in state.tensors.values() for t in group.values())
         self.metrics.emit(
-            "state_loaded", source="disk", epoch=self.state.epoch, inner_step=self.state.inner_step, bytes=size,
-            seconds=time.perf_counter() - began, path=str(loaded.path), skipped=[str(p) for p, _ in loaded.skipped],
+            "state_loaded", source="disk", epoch=self.state.epoch, inner_step=self.state.inner_step,
+            bytes=size, seconds=time.perf_counter() - began, path=str(loaded.path),
+            skipped=[str(p) for p, _ in loaded.skipped],
         )
 
     def _restore(self, state: TrainingState) -> None:

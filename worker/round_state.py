@@ -54,7 +54,7 @@ class RoundState:
         """The progress record this state publishes (strict types: the DHT's schema compares them exactly)."""
         loss = self.loss if self.loss == self.loss else -1.0  # NaN is not comparable in the schema check
         return ProgressRecord(
-            peer_id=peer_id, epoch=self.epoch, inner_step=self.inner_step, tokens_per_s=float(self.tokens_per_s),
-            loss=float(loss), param_sha256=self.param_sha256, in_sync=self.in_sync, time=get_dht_time(),
-            maddrs=maddrs,
+            peer_id=peer_id, epoch=self.epoch, inner_step=self.inner_step,
+            tokens_per_s=float(self.tokens_per_s), loss=float(loss), param_sha256=self.param_sha256,
+            in_sync=self.in_sync, time=get_dht_time(), maddrs=maddrs,
         )

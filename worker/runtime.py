@@ -68,7 +68,9 @@ def listen_host(host_maddrs: list[str]) -> str:
 
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise WorkerError("--device cuda was asked for but no CUDA device is available (use --device cpu or auto)")
+        raise WorkerError(
+            "--device cuda was asked for but no CUDA device is available (use --device cpu or auto)"
+        )
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
@@ -151,8 +153,10 @@ class Worker:
         self.metrics.start()
         self._resources.callback(self.metrics.shutdown)
         # Only after the lock: the store clears half-written checkpoints left by a crash.
-        self.store = CheckpointStore(directory=self.run_dir / "checkpoints", keep=self.cfg.run.keep_checkpoints,
-                                     faults=self.faults.checkpoint_faults())
+        self.store = CheckpointStore(
+            directory=self.run_dir / "checkpoints", keep=self.cfg.run.keep_checkpoints,
+            faults=self.faults.checkpoint_faults(),
+        )
 
     def _release_lock(self) -> None:
         # A forced stop may leave the writer thread inside a save: then the lock goes with the process
@@ -215,7 +219,7 @@ class Worker:
         )
         self.averager.start()
         self._resources.callback(self.averager.shutdown)
-        self.saver = BackgroundSaver(store=self.store, on_saved=lambda state, path: self.disk.saved(state, path))
+        self.saver = BackgroundSaver(store=self.store, on_saved=lambda st, path: self.disk.saved(st, path))
         self.saver.start()  # a thread: only once the DHT and the averager have forked
         self._resources.callback(self._stop_saver)
         self.install_signal_handlers()  # children are up: from now on Ctrl-C means "save and stop"
@@ -239,16 +243,17 @@ class Worker:
         """The inner trainer, the data, and the collaborators of the round, all on one RoundState."""
         cfg, swarm_cfg = self.cfg, self.cfg.swarm
         self.device = pick_device(cfg.run.device)
-        self.trainer = InnerTrainer(model=model, cfg=cfg.train, device=self.device, compile_model=cfg.model.compile)
+        self.trainer = InnerTrainer(model=model, cfg=cfg.train, device=self.device,
+                                    compile_model=cfg.model.compile)
         self.data = open_stream(
             dataset=cfg.data.dataset, dataset_config=cfg.data.dataset_config, text_field=cfg.data.text_field,
             tokenizer=self.tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
             shard_key=self.peer_id, seed=cfg.run.seed,
         )
         self.disk = DiskState(
-            run_id=cfg.run.run_id, signature=self.signature, names=self.names, state=self.state, outer=self.outer,
-            trainer=self.trainer, data=self.data, device=self.device, store=self.store, saver=self.saver,
-            metrics=self.metrics,
+            run_id=cfg.run.run_id, signature=self.signature, names=self.names, state=self.state,
+            outer=self.outer, trainer=self.trainer, data=self.data, device=self.device, store=self.store,
+            saver=self.saver, metrics=self.metrics,
         )
         stop = lambda: self.stop_requested  # noqa: E731 (one predicate, handed to every waiting loop)
         self.sync = StateSync(
@@ -275,21 +280,25 @@ class Worker:
             return
         notice(f"waiting up to {cfg.swarm.join_timeout:.0f}s for {cfg.swarm.min_peers} peers of run "
                f"{cfg.run.run_id!r}…")
-        live = self.swarm.wait_for_peers(count=cfg.swarm.min_peers, until=time.monotonic() + cfg.swarm.join_timeout,
-                                         stop=lambda: self.stop_requested)
+        until = time.monotonic() + cfg.swarm.join_timeout
+        stop = lambda: self.stop_requested  # noqa: E731
+        live = self.swarm.wait_for_peers(count=cfg.swarm.min_peers, until=until, stop=stop)
         notice(f"{live} peer(s) live; starting")
 
     def _check_run_dir(self) -> None:
         """A run dir belongs to one run id and one model shape: refuse to mix them."""
         path = self.run_dir / "run.json"
-        mine = {"run_id": self.cfg.run.run_id, "model": self.cfg.model.preset, "model_signature": self.signature}
+        mine = {"run_id": self.cfg.run.run_id, "model": self.cfg.model.preset,
+                "model_signature": self.signature}
         if not path.exists():
             path.write_text(json.dumps(mine) + "\n")
             return
         try:
             theirs = json.loads(path.read_text())
         except (json.JSONDecodeError, OSError) as e:
-            raise WorkerError(f"{path} is unreadable ({e}); move it away to start afresh in this run dir") from None
+            raise WorkerError(
+                f"{path} is unreadable ({e}); move it away to start afresh in this run dir"
+            ) from None
         if theirs.get("run_id") != mine["run_id"]:
             raise WorkerError(
                 f"run dir {self.run_dir} belongs to run {theirs.get('run_id')!r}, not {mine['run_id']!r}: "
@@ -354,15 +363,18 @@ class Worker:
 
     def run(self) -> None:
         cfg = self.cfg
-        progress = RoundProgress(enabled=cfg.run.progress and sys.stderr.isatty(), inner_steps=cfg.train.inner_steps)
+        progress = RoundProgress(enabled=cfg.run.progress and sys.stderr.isatty(),
+                                 inner_steps=cfg.train.inner_steps)
         progress.start()
+        more = lambda: cfg.run.max_epochs == 0 or self.state.epoch < cfg.run.max_epochs  # noqa: E731
         try:
-            while not self.stop_requested and (cfg.run.max_epochs == 0 or self.state.epoch < cfg.run.max_epochs):
+            while not self.stop_requested and more():
                 if not self.state.in_sync:
                     self.sync.repair(target=self._repair_target)
                     continue
                 if self.state.inner_step == 0:
-                    self.sync.catch_up()  # missed rounds (a failed group, a pause): take the swarm's newest state
+                    # Missed rounds (a failed group, a pause): take the swarm's newest state.
+                    self.sync.catch_up()
                 self._inner_phase(progress)
                 if self.stop_requested:
                     break
@@ -388,8 +400,8 @@ class Worker:
             st.tokens += tokens_per_step
             if loss is not None:
                 tps = steps_here * tokens_per_step / max(time.perf_counter() - started, 1e-9)
-                self.metrics.emit("inner_step", epoch=st.epoch, step=st.inner_step, loss=loss, tokens=st.tokens,
-                                  lr=self.trainer.lr, tokens_per_s=tps)
+                self.metrics.emit("inner_step", epoch=st.epoch, step=st.inner_step, loss=loss,
+                                  tokens=st.tokens, lr=self.trainer.lr, tokens_per_s=tps)
                 st.loss, st.tokens_per_s = loss, tps
                 progress.update(epoch=st.epoch, step=st.inner_step, loss=loss, tps=tps, peers=st.peers_seen)
             self.swarm.publish()

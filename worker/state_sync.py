@@ -151,14 +151,16 @@ class StateSync:
         step = result.meta.get("global_step", result.epoch * self.settings.inner_steps)
         problem = self._problem(result, step)
         if problem is not None:
-            self.exchange.refuse(result.manifest_sha256)  # not fetched again: the next try takes another offer
+            # Not fetched again: the next try takes another offer.
+            self.exchange.refuse(result.manifest_sha256)
             raise StateTransferError(f"donor(s) {', '.join(result.donors)}: {problem}; state refused")
         self.outer.load_params([global_tensors[n] for n in self.names])  # exact copies: the digest holds
         self.outer.load_state_tensors(dict(result.tensors.get("outer", {})))
         self.outer.copy_to(self.trainer.params)
         self._join_round(result, step)
         for peer, reason in result.bad_donors:
-            notice(f"[bold red]donor {peer} served state that does not match its offer ({reason}); ignored[/]")
+            notice(f"[bold red]donor {peer} served state that does not match its offer ({reason}); "
+                   "ignored[/]")
         self.metrics.emit("state_loaded", inner_step=self.state.inner_step, **describe(result))
         notice(f"caught up with the swarm: epoch {self.state.epoch} from {len(result.donors)} donor(s), "
                f"{result.bytes / 1e6:.1f} MB in {result.seconds:.2f}s")
@@ -172,7 +174,8 @@ class StateSync:
         st.inner_step = min(self.swarm.round_position(epoch=st.epoch), self.settings.inner_steps - 1)
         self.trainer.step_count = step + st.inner_step
         st.param_sha256, st.in_sync = result.param_sha256, True
-        st.peers_seen = max(st.peers_seen, len(result.donors) + 1)  # it joins them: look for a group next round
+        # It joins them: look for a group next round.
+        st.peers_seen = max(st.peers_seen, len(result.donors) + 1)
         # Stored before training on: the round's members count who is in it from the board, and a newcomer
         # that joins late in a round reaches the outer step within a few inner steps.
         self.swarm.publish(force=True, wait=True)

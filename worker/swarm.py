@@ -1,4 +1,4 @@
-"""The worker's view of its peers: publishing its progress, waiting for the round's members, checking agreement.
+"""The worker's view of its peers: publishing its progress, waiting for the round's members, agreement.
 
 Publishing never blocks the training loop (DHT stores go out as futures); reads
 happen only at the outer step, where the loop waits anyway.
@@ -39,8 +39,8 @@ class SwarmView:
     """Reads and writes this run's progress board on behalf of one worker."""
 
     def __init__(
-        self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator, maddrs: list[str],
-        state: RoundState,
+        self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator,
+        maddrs: list[str], state: RoundState,
     ) -> None:
         self.board = SignedBoard(dht=dht, run_id=run_id, kind=PROGRESS, signer=signer)
         self.peer_id = peer_id
@@ -91,12 +91,15 @@ class SwarmView:
         """The live in-sync peers among `records` (default: a fresh read of the board)."""
         # A peer that stopped refreshing its record (crashed mid-round) is neither waited for nor followed.
         fresh_after = get_dht_time() - 2.5 * PUBLISH_EVERY
-        return [r for r in (self.others() if records is None else records) if r.in_sync and r.time > fresh_after]
+        records = self.others() if records is None else records
+        return [r for r in records if r.in_sync and r.time > fresh_after]
 
     def wait_for_round(
-        self, *, epoch: int, param_sha256: str, inner_steps: int, until: float, stop: Callable[[], bool] = lambda: False,
+        self, *, epoch: int, param_sha256: str, inner_steps: int, until: float,
+        stop: Callable[[], bool] = lambda: False,
     ) -> RoundMembers:
-        """Wait (until the monotonic time `until`) for the live in-sync peers of this round to finish their inner phase.
+        """Wait (until the monotonic time `until`) for the live in-sync peers of this round to finish their
+        inner phase.
 
         The round's members are the peers at `epoch` holding the same theta_g
         (`param_sha256`): only they can average with this one. Peers ahead or
@@ -135,7 +138,8 @@ class SwarmView:
         return claim[0] if claim is not None and claim[0] > epoch else -1
 
     def wait_for_peers(self, *, count: int, until: float, stop: Callable[[], bool] = lambda: False) -> int:
-        """Wait (until the monotonic time `until`, or `stop()`) for `count` live peers of the run, this one included."""
+        """Wait (until the monotonic time `until`, or `stop()`) for `count` live peers of the run, this one
+        included."""
         while True:
             live = len(self.others()) + 1
             if live >= count or time.monotonic() >= until or stop():
