@@ -30,8 +30,7 @@ sys.path.insert(0, str(_here.parent))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from checkpoints.serve import ServerFaults, StateServer  # noqa: E402
-from checkpoints.snapshot import StateSnapshot  # noqa: E402
+from checkpoints.transfer import ServingFaults, StateServer, StateSnapshot  # noqa: E402
 
 
 def load_groups(path: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -120,7 +119,7 @@ def main() -> None:
         serve_raw(snapshot.buffer, args.max_seconds)
         return
     server = StateServer(host=args.host, max_streams=args.max_streams,
-                         faults=ServerFaults(part_delay_s=args.part_delay) if args.part_delay else None)
+                         faults=ServingFaults(part_delay_s=args.part_delay))
     server.start()
     try:
         server.publish(snapshot)

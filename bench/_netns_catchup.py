@@ -26,7 +26,7 @@ from tests import netns  # noqa: E402
 _FETCH = """
 import json, sys, time
 sys.path.insert(0, {root!r})
-from checkpoints import fetch_state
+from checkpoints.transfer import fetch_state
 from dht.offers import Offer
 offers = [Offer(**o) for o in json.loads(sys.argv[1])]
 result = fetch_state(offers, streams=max(4, 2 * len(offers)), timeout=300)

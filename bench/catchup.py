@@ -6,9 +6,9 @@ fp32 tensors, half the bytes each, like theta_g plus outer momentum):
 a. raw TCP: one ``sendall`` of the snapshot buffer from a donor process, ``recv_into`` a
    preallocated buffer here (the ceiling for one connection);
 b. ours: ``fetch_state`` as the worker calls it (manifest, parts over ``--streams``
-   connections, each part checked against its BLAKE3 digest in the signed manifest) from 1
-   donor and from 2 donors. The worker then hashes theta_g once (param_sha256, which it
-   needs for its progress record) before loading it; that pass is printed separately;
+   connections, each part checked against its BLAKE3 digest in the signed manifest, then
+   param_sha256 of theta_g checked against the offer) from 1 donor and from 2 donors. The
+   time of that one param_sha256 pass, included in the fetch, is also printed on its own;
 c. stock hivemind: ``DecentralizedAverager.load_state_from_peers`` from a donor with
    ``allow_state_sharing=True`` whose ``get_current_state`` returns the same tensors.
 
@@ -49,7 +49,8 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from checkpoints import StateSnapshot, fetch_state, param_sha256  # noqa: E402
+from checkpoints import param_sha256  # noqa: E402
+from checkpoints.transfer import StateSnapshot, fetch_state  # noqa: E402
 from dht.offers import Offer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def main() -> None:
     state = make_state(args.mb)
     began = time.perf_counter()
     digest = param_sha256(state["global"])
-    param_check_s = time.perf_counter() - began  # what the worker spends at load on the fetched theta_g
+    param_check_s = time.perf_counter() - began  # what the fetch spends verifying the received theta_g
     meta = {"epoch": 1, "param_sha256": digest, "run_id": "bench"}
     snapshot = StateSnapshot.build(tensors=state, meta=meta)
     total = snapshot.total_bytes  # the tensors' bytes plus < 64 bytes of alignment padding per tensor
@@ -187,9 +188,9 @@ def main() -> None:
                                  tcp=[f"127.0.0.1:{d['port']}"], time=float(time.time())) for i, d in enumerate((a, b))]
 
             def fetch(n: int) -> None:
-                # As the worker fetches: every part checked against the signed manifest during the transfer;
-                # the param_sha256 of theta_g is computed once at load (the worker needs it for its record).
-                result = fetch_state(offers[:n], streams=args.streams, timeout=120, check_param_sha256=False)
+                # As the worker fetches: every part checked against the signed manifest during the transfer,
+                # then the param_sha256 of theta_g against the offer (checkpoints.transfer.verify).
+                result = fetch_state(offers[:n], streams=args.streams, timeout=120)
                 assert len(result.donors) == n, result.donors
 
             fetch(2)  # warm-up: first connections, page faults of a first 200 MB buffer
@@ -209,8 +210,8 @@ def main() -> None:
         print(f"{name:40s} {statistics.median(times):9.3f} {rates[name]:8.0f}  {' '.join(f'{t:.3f}' for t in times)}")
     raw = rates[rows[0][0]]
     ours1, ours2, stock = rates[rows[1][0]], rates[rows[2][0]], rates[rows[3][0]]
-    print(f"then, at load, param_sha256 of the global group: {param_check_s:.3f}s "
-          f"({len(state['global'])} tensors, {mb / 2:.0f} MB; the worker's own state hash, computed once)")
+    print(f"of which param_sha256 of the global group: {param_check_s:.3f}s "
+          f"({len(state['global'])} tensors, {mb / 2:.0f} MB; verified once, after the last part)")
     print(json.dumps({
         "bench": "catchup", "mb": round(mb, 1), "ratio_vs_tcp": round(ours1 / raw, 3),
         "ratio_vs_hivemind": round(ours1 / stock, 2), "mb_per_s": round(ours1, 1),

@@ -2,12 +2,12 @@
 
 Saving a checkpoint is two costs: copying the state out of the live tensors (a memcpy,
 or a device-to-host copy on a GPU) and writing and fsyncing it (seconds to minutes for a
-large model). Only the copy has to stop training: the saver takes a snapshot on the
-caller's thread and writes it on its own thread, through the same ``CheckpointStore``
+large model). Only the copy has to stop training: the saver takes a detached copy
+(``detach_copy``) on the caller's thread and writes it on its own thread, through the same ``CheckpointStore``
 (atomic rename, pruning), so a crash mid-write still leaves the previous checkpoint.
 
 One write at a time, and none skipped: ``submit`` waits for the previous write to end
-before handing over the next snapshot, so training only waits when checkpoints come
+before handing over the next copy, so training only waits when checkpoints come
 faster than the disk takes them, and every requested checkpoint is written. A write that
 fails is raised to the caller at its next ``submit``, ``flush`` or ``shutdown``, as a
 synchronous save would have raised it: a worker never trains on silently without
@@ -28,7 +28,7 @@ from checkpoints.state import TrainingState
 from checkpoints.store import CheckpointStore
 
 
-def snapshot(state: TrainingState) -> TrainingState:
+def detach_copy(state: TrainingState) -> TrainingState:
     """A copy of ``state`` that owns its tensors (on the CPU): training may go on changing the originals."""
     tensors = {
         group: {name: t.detach().to("cpu", copy=True) for name, t in named.items()}
@@ -38,7 +38,7 @@ def snapshot(state: TrainingState) -> TrainingState:
 
 
 class BackgroundSaver:
-    """Writes snapshots of ``TrainingState`` into ``store`` on a background thread.
+    """Writes detached copies of ``TrainingState`` into ``store`` on a background thread.
 
     :param store: where checkpoints go; nothing else may save into it while the saver runs
     :param on_saved: called on the saver's thread after each checkpoint is in place, with the
@@ -62,11 +62,11 @@ class BackgroundSaver:
         self._thread.start()
 
     def submit(self, state: TrainingState) -> None:
-        """Snapshot ``state`` now and write it in the background; waits while the previous write runs."""
+        """Copy ``state`` now and write the copy in the background; waits while the previous write runs."""
         if self._thread is None or self._stopping:
             raise RuntimeError("BackgroundSaver is not running")
         self._wait_idle()
-        taken = snapshot(state)
+        taken = detach_copy(state)
         with self._cond:
             self._pending, self._busy = taken, True
             self._cond.notify_all()
@@ -121,7 +121,7 @@ class BackgroundSaver:
                 with self._cond:
                     self._error = error
             finally:
-                del state  # the snapshot's memory goes back before the caller's next one is taken
+                del state  # the copy's memory goes back before the caller's next one is taken
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()

@@ -1,4 +1,4 @@
-"""``meta.msgpack``: a checkpoint's manifest and commit marker.
+"""``meta.msgpack``: a checkpoint's manifest (``CheckpointManifest``) and commit marker.
 
 The file is a msgpack map ``{"format", "version", "body_sha256", "body"}`` where
 ``body`` is itself msgpack bytes holding the epoch, inner step, tag, save sequence,
@@ -31,7 +31,7 @@ class FileRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Manifest:
+class CheckpointManifest:
     """The decoded body of ``meta.msgpack``."""
 
     epoch: int
@@ -54,7 +54,7 @@ def pack_meta(meta: dict[str, Any]) -> bytes:
         raise CheckpointError(f"state.meta is not msgpack-serialisable: {error}") from None
 
 
-def encode_manifest(manifest: Manifest) -> bytes:
+def encode_manifest(manifest: CheckpointManifest) -> bytes:
     body = msgpack.packb(
         {
             "epoch": manifest.epoch,
@@ -81,7 +81,7 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-def decode_manifest(data: bytes) -> Manifest:
+def decode_manifest(data: bytes) -> CheckpointManifest:
     """Parse and verify ``meta.msgpack``; raises InvalidCheckpointError with the reason."""
     try:
         envelope = _unpack(data)
@@ -103,7 +103,7 @@ def decode_manifest(data: bytes) -> Manifest:
             group: FileRecord(size=record["size"], sha256=record["sha256"])
             for group, record in fields["files"].items()
         }
-        manifest = Manifest(
+        manifest = CheckpointManifest(
             epoch=fields["epoch"],
             inner_step=fields["inner_step"],
             tag=fields["tag"],

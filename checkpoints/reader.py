@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 from checkpoints.errors import InvalidCheckpointError
 from checkpoints.fsio import sha256_file
 from checkpoints.layout import META_FILE, CheckpointName, tensor_file
-from checkpoints.metafile import Manifest, decode_manifest
+from checkpoints.metafile import CheckpointManifest, decode_manifest
 from checkpoints.state import TrainingState
 
 
-def read_manifest(path: Path) -> Manifest:
+def read_manifest(path: Path) -> CheckpointManifest:
     """The verified manifest of the checkpoint at ``path``."""
     try:
         data = (path / META_FILE).read_bytes()

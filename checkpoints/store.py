@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoints.errors import CheckpointError, InvalidCheckpointError
-from checkpoints.faults import maybe_fail
+from checkpoints.faults import (
+    AFTER_RENAME,
+    BEFORE_RENAME,
+    DURING_PRUNE,
+    DURING_REPLACE,
+    NO_FAULTS,
+    CheckpointFaults,
+)
 from checkpoints.fsio import fsync_path, remove_tree
 from checkpoints.layout import META_FILE, OLD_PREFIX, TMP_PREFIX, CheckpointName
 from checkpoints.reader import read_checkpoint, read_manifest
@@ -40,13 +47,17 @@ class LoadedCheckpoint:
 
 
 class CheckpointStore:
-    """Checkpoints of one run under ``directory``, keeping the newest ``keep``."""
+    """Checkpoints of one run under ``directory``, keeping the newest ``keep``.
 
-    def __init__(self, *, directory: Path, keep: int = 3) -> None:
+    ``faults`` is called at each phase of a save (``checkpoints.faults``); the default does nothing.
+    """
+
+    def __init__(self, *, directory: Path, keep: int = 3, faults: CheckpointFaults = NO_FAULTS) -> None:
         if not isinstance(keep, int) or keep < 1:
             raise CheckpointError(f"keep must be a positive number of checkpoints, got {keep!r}")
         self.directory = Path(directory)
         self.keep = keep
+        self.faults = faults
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -67,8 +78,10 @@ class CheckpointStore:
         tmp = self.directory / f"{TMP_PREFIX}{name.dirname}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             tmp.mkdir()
-            write_checkpoint(directory=tmp, state=state, tag=name.tag, sequence=self._next_sequence())
-            maybe_fail("before_rename")
+            write_checkpoint(
+                directory=tmp, state=state, tag=name.tag, sequence=self._next_sequence(), faults=self.faults
+            )
+            self.faults.reached(BEFORE_RENAME)
             self._move_into_place(tmp, final)
         except OSError as error:
             remove_tree(tmp)
@@ -143,14 +156,14 @@ class CheckpointStore:
             # _recover() rolls back, so a crash between the two renames loses nothing.
             old = self.directory / (OLD_PREFIX + final.name)
             os.rename(final, old)
-            maybe_fail("during_replace")
+            self.faults.reached(DURING_REPLACE)
             os.rename(tmp, final)
-            maybe_fail("after_rename")
+            self.faults.reached(AFTER_RENAME)
             fsync_path(self.directory)
             remove_tree(old)
         else:
             os.rename(tmp, final)
-            maybe_fail("after_rename")
+            self.faults.reached(AFTER_RENAME)
             fsync_path(self.directory)
 
     def _prune(self, *, just_saved: Path) -> None:
@@ -165,7 +178,7 @@ class CheckpointStore:
                 # still carries a checkpoint name.
                 trash = self.directory / f"{TMP_PREFIX}del-{path.name}-{secrets.token_hex(4)}"
                 os.rename(path, trash)
-                maybe_fail("during_prune")
+                self.faults.reached(DURING_PRUNE)
                 remove_tree(trash)
             if doomed:
                 fsync_path(self.directory)

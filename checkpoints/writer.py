@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoints.errors import CheckpointError
-from checkpoints.faults import maybe_fail
+from checkpoints.faults import AFTER_TENSOR_FILE, BEFORE_META, NO_FAULTS, CheckpointFaults
 from checkpoints.fsio import fsync_path, sha256_file, write_bytes_durably
 from checkpoints.layout import META_FILE, CheckpointName, check_tag, is_valid_group, tensor_file
-from checkpoints.metafile import FileRecord, Manifest, encode_manifest, pack_meta
+from checkpoints.metafile import CheckpointManifest, FileRecord, encode_manifest, pack_meta
 from checkpoints.state import TrainingState
 
 # safetensors keeps its own header under this key; a tensor of that name would clash.
@@ -69,11 +69,15 @@ def _prepare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return prepared
 
 
-def write_checkpoint(*, directory: Path, state: TrainingState, tag: str | None, sequence: int) -> int:
+def write_checkpoint(
+    *, directory: Path, state: TrainingState, tag: str | None, sequence: int,
+    faults: CheckpointFaults = NO_FAULTS,
+) -> int:
     """Write ``state`` into the empty ``directory`` and fsync everything; returns bytes written.
 
     ``meta.msgpack`` is written last: its presence (with matching checksums) is what
-    makes a directory a checkpoint.
+    makes a directory a checkpoint. ``faults`` is called at ``after_tensor_file`` and
+    ``before_meta`` (``checkpoints.faults``).
     """
     files: dict[str, FileRecord] = {}
     total = 0
@@ -86,9 +90,9 @@ def write_checkpoint(*, directory: Path, state: TrainingState, tag: str | None, 
         digest, size = sha256_file(path, fsync=True)
         files[group] = FileRecord(size=size, sha256=digest)
         total += size
-        maybe_fail("after_tensor_file")
-    maybe_fail("before_meta")
-    manifest = Manifest(
+        faults.reached(AFTER_TENSOR_FILE)
+    faults.reached(BEFORE_META)
+    manifest = CheckpointManifest(
         epoch=state.epoch,
         inner_step=state.inner_step,
         tag=tag,

@@ -27,7 +27,7 @@ from checkpoints import (
     TrainingState,
     param_sha256,
 )
-from checkpoints.faults import ENV_VAR
+from checkpoints.faults import CHECKPOINT_PHASES
 from checkpoints.reader import read_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,8 @@ def test_a_failed_background_save_is_raised_at_the_next_call(tmp_path: Path) -> 
     saver = BackgroundSaver(store=store, on_saved=lambda state, path: None)
     saver.start()
     try:
-        saver.submit(make_state(1, bad={1, 2}))  # a set: not msgpack, refused by the store on the writer thread
+        # A set is not msgpack: refused by the store, on the writer thread.
+        saver.submit(make_state(1, bad={1, 2}))
         with pytest.raises(CheckpointError, match="meta"):
             saver.flush()
         saver.submit(make_state(2))  # the saver goes on: the error was reported once
@@ -325,46 +326,59 @@ def test_unknown_format_version_is_skipped(tmp_path: Path) -> None:
 
 # --- crash safety ----------------------------------------------------------------------
 
+# A real process, really SIGKILLed by the hook it hands its store: no finally or atexit runs.
 CRASHING_SAVER = textwrap.dedent(
     """
-    import os, sys, torch
+    import os, signal, sys, torch
     from pathlib import Path
     from checkpoints import CheckpointStore, TrainingState
+
+    class KillAt:
+        def __init__(self):
+            self.phase = None  # armed only for the save under test
+        def reached(self, phase):
+            if phase == self.phase:
+                os.kill(os.getpid(), signal.SIGKILL)
+
     directory, phase, scenario, mib = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
-    store = CheckpointStore(directory=directory, keep=1 if scenario == "prune" else 3)
+    hook = KillAt()
+    store = CheckpointStore(directory=directory, keep=1 if scenario == "prune" else 3, faults=hook)
     small = {"global": {"w": torch.ones(4)}}
     store.save(TrainingState(epoch=1, tensors=small, meta={"version": 1}))
     if scenario == "replace":
         store.save(TrainingState(epoch=2, tensors=small, meta={"version": 1}))
     half = mib * 1024 * 1024 // 8  # float32 elements per group, two groups
     big = {"global": {"w": torch.full((half,), 2.0)}, "outer": {"m": torch.full((half,), 3.0)}}
-    os.environ["CHECKPOINTS_FAIL_AT"] = phase
+    hook.phase = phase
     store.save(TrainingState(epoch=2, tensors=big, meta={"version": 2}))
     sys.exit("save returned although it should have been killed")
     """
 )
 
 
-@pytest.mark.parametrize(
-    ("phase", "scenario", "mib", "survivor"),
-    [
-        # Killed before the new checkpoint is complete: epoch 1 is the latest.
-        ("after_tensor_file", "fresh", 200, (1, 1)),
-        ("before_meta", "fresh", 4, (1, 1)),
-        ("before_rename", "fresh", 200, (1, 1)),
-        # Killed between moving the old epoch 2 away and moving the new one in: rolled back.
-        ("during_replace", "replace", 4, (2, 1)),
-        # Killed after the rename: the new checkpoint is complete and wins.
-        ("after_rename", "replace", 4, (2, 2)),
-        # Killed while deleting the pruned epoch 1: epoch 2 is complete, epoch 1 is gone.
-        ("during_prune", "prune", 4, (2, 2)),
-    ],
-)
+CRASHES = [
+    # Killed before the new checkpoint is complete: epoch 1 is the latest.
+    ("after_tensor_file", "fresh", 200, (1, 1)),
+    ("before_meta", "fresh", 4, (1, 1)),
+    ("before_rename", "fresh", 200, (1, 1)),
+    # Killed between moving the old epoch 2 away and moving the new one in: rolled back.
+    ("during_replace", "replace", 4, (2, 1)),
+    # Killed after the rename: the new checkpoint is complete and wins.
+    ("after_rename", "replace", 4, (2, 2)),
+    # Killed while deleting the pruned epoch 1: epoch 2 is complete, epoch 1 is gone.
+    ("during_prune", "prune", 4, (2, 2)),
+]
+
+
+def test_every_save_phase_is_crash_tested() -> None:
+    assert [phase for phase, *_ in CRASHES] == list(CHECKPOINT_PHASES)
+
+
+@pytest.mark.parametrize(("phase", "scenario", "mib", "survivor"), CRASHES)
 def test_sigkill_during_save_never_leaves_a_valid_looking_broken_checkpoint(
     tmp_path: Path, phase: str, scenario: str, mib: int, survivor: tuple[int, int]
 ) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop(ENV_VAR, None)
     result = subprocess.run(
         [sys.executable, "-c", CRASHING_SAVER, str(tmp_path), phase, scenario, str(mib)],
         env=env,

@@ -1,11 +1,11 @@
 """The worker's side of state sharing: offer its theta_g to newcomers, and catch up from the swarm.
 
 Every in-sync worker serves an immutable snapshot of theta_g and the outer
-optimizer state (checkpoints.StateServer, plain TCP) and offers it in the DHT
+optimizer state (checkpoints.transfer.StateServer, plain TCP) and offers it in the DHT
 (dht.offers, signed). A worker that is behind (a newcomer, a restart from an old
 checkpoint, a peer whose hash disagreed) fetches the newest state from every donor
-at once, verifies it, and loads it. Only a newer epoch is ever fetched, so a stale
-peer cannot push an older state onto anyone.
+at once; the fetch verifies it (checkpoints.transfer.verify) before it is loaded.
+Only a newer epoch is ever fetched, so a stale peer cannot push an older state onto anyone.
 """
 
 from __future__ import annotations
@@ -21,10 +21,22 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
-from checkpoints import FetchResult, StateServer, StateSnapshot, StateTransferError, fetch_state
+from checkpoints.transfer import (
+    FetchResult,
+    StateServer,
+    StateSnapshot,
+    StateTransferError,
+    fetch_state,
+    rank_offers,
+)
 from dht.offers import OFFER_TTL, Offer, publish_offer, read_offers, tcp_endpoints
 
 logger = logging.getLogger(__name__)
+
+Shapes = dict[str, dict[str, tuple[int, ...]]]  # group -> tensor name -> shape
+
+# theta_g and the outer optimizer state are float32 on every worker: a snapshot of other dtypes is refused.
+SHARED_DTYPES = {"global": torch.float32, "outer": torch.float32}
 
 
 @dataclass
@@ -42,8 +54,8 @@ class StateExchange:
     """Serves this worker's state and fetches the swarm's; one per worker, started after the DHT."""
 
     def __init__(
-        self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator, listen_host: str,
-        maddrs: list[str], model_signature: str, max_streams: int = 8,
+        self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator,
+        listen_host: str, maddrs: list[str], model_signature: str, max_streams: int = 8,
     ) -> None:
         self.dht, self.run_id, self.peer_id, self.signer = dht, run_id, peer_id, signer
         self.model_signature = model_signature
@@ -52,7 +64,7 @@ class StateExchange:
         self._endpoints: list[str] = []
         self._offer: Offer | None = None
         self._offered_at = 0.0
-        self._refused: set[str] = set()  # snapshots (manifest hashes) whose content failed the caller's checks
+        self._refused: set[str] = set()  # snapshots (manifest hashes) that failed verification: never again
 
     def start(self) -> None:
         self.server.start()
@@ -92,10 +104,6 @@ class StateExchange:
         except Exception as e:  # a DHT hiccup must not stop training; the next refresh offers again
             logger.warning("could not publish the state offer: %s", e)
 
-    def refuse(self, manifest_sha256: str) -> None:
-        """Never fetch this snapshot again: its parts matched its manifest, but not what its offer claims."""
-        self._refused.add(manifest_sha256)
-
     def others(self) -> list[Offer]:
         try:
             return [o for o in read_offers(self.dht, run_id=self.run_id) if o.peer_id != self.peer_id]
@@ -104,33 +112,34 @@ class StateExchange:
             return []
 
     def fetch(
-        self, *, vouched: tuple[int, str] | None, newer_than: int, expect_shapes: dict[str, dict[str, tuple[int, ...]]],
-        timeout: float, avoid_hash: str | None = None, progress: Callable[[int, int], None] | None = None,
+        self, *, vouched: tuple[int, str] | None, newer_than: int, expect_shapes: Shapes, timeout: float,
+        avoid_hash: str | None = None, progress: Callable[[int, int], None] | None = None,
     ) -> FetchResult | None:
         """Fetch the state the swarm vouches for (`vouched`: its epoch and theta_g hash, see
         `dht.records.vouched_state`) if its epoch is above `newer_than` (or equal, when `avoid_hash` is
         set and the hash differs from it: the repair of a peer whose theta_g disagrees).
 
         Offers that claim anything else are not fetched: a signed offer only proves who made it, not
-        that the swarm holds it. Returns None when there is nothing to fetch or nobody offers it yet.
-        Raises StateTransferError when offers exist but no donor could deliver a verified copy.
+        that the swarm holds it. What is fetched is verified by fetch_state (shapes, float32 dtypes,
+        global_step, param_sha256 against the offer); a snapshot that fails is never fetched again and
+        the next offer is tried. Returns None when there is nothing to fetch or nobody (but refused
+        snapshots) offers it yet. Raises StateTransferError when offers exist but no donor could
+        deliver a verified copy.
         """
         if vouched is None:
             return None
         epoch, digest = vouched
-        if not (epoch > newer_than or (avoid_hash is not None and epoch == newer_than and digest != avoid_hash)):
+        repair = avoid_hash is not None and epoch == newer_than and digest != avoid_hash
+        if not (epoch > newer_than or repair):
             return None
-        offers = [o for o in self.others()
-                  if o.manifest_sha256 not in self._refused and (o.epoch, o.param_sha256) == vouched]
-        if not offers:
+        offers = [o for o in self.others() if (o.epoch, o.param_sha256) == vouched]
+        if not rank_offers(offers, refused=self._refused):
             return None
-        # The worker hashes theta_g right after loading anyway (its progress record carries the hash), so
-        # the param_sha256 check happens there, once, instead of during the transfer as well.
-        return fetch_state(offers, expect_shapes=expect_shapes, timeout=timeout, progress=progress,
-                           check_param_sha256=False)
+        return fetch_state(offers, expect_shapes=expect_shapes, expect_dtypes=SHARED_DTYPES,
+                           refused=self._refused, timeout=timeout, progress=progress)
 
 
-def expected_shapes(params: dict[str, torch.Tensor], outer: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple[int, ...]]]:
+def expected_shapes(params: dict[str, torch.Tensor], outer: dict[str, torch.Tensor]) -> Shapes:
     return {"global": {n: tuple(t.shape) for n, t in params.items()},
             "outer": {n: tuple(t.shape) for n, t in outer.items()}}
 
@@ -139,7 +148,8 @@ def describe(result: FetchResult) -> dict[str, Any]:
     """The fields of a `state_loaded` event for a fetch from peers."""
     return {
         "source": "peer", "epoch": result.epoch, "bytes": result.bytes, "seconds": result.seconds,
-        "mb_per_s": result.bytes / max(result.seconds, 1e-9) / 1e6, "peer_id": result.donors[0] if result.donors else None,
+        "mb_per_s": result.bytes / max(result.seconds, 1e-9) / 1e6,
+        "peer_id": result.donors[0] if result.donors else None,
         "donors": result.donors, "bad_donors": [list(b) for b in result.bad_donors],
         "failed_donors": [list(f) for f in result.failed_donors], "param_sha256": result.param_sha256,
     }

@@ -1,4 +1,4 @@
-"""A newcomer's blocking TCP connection to one donor's ``StateServer`` (protocol in ``checkpoints.wire``).
+"""A newcomer's blocking TCP connection to one donor's ``StateServer`` (protocol in ``transfer.wire``).
 
 Blocking sockets on purpose: ``recv_into`` writes each part straight into its place in
 the destination buffer and releases the GIL, so several connections in threads overlap
@@ -92,7 +92,8 @@ class DonorConnection:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise DonorGone("deadline reached mid-transfer")
-            if wait != self.io_timeout or remaining < wait:  # set once per call unless the deadline gets closer
+            # Set once per call, unless the deadline gets closer.
+            if wait != self.io_timeout or remaining < wait:
                 wait = min(self.io_timeout, remaining)
                 self.sock.settimeout(wait)
             try:
@@ -108,7 +109,8 @@ class DonorConnection:
 
     def request(self, manifest_sha256: str, part: int | None, *, into: memoryview | None = None,
                 max_len: int = 0) -> bytes | None:
-        """Ask for a part (``into`` must be exactly its size) or, with ``part=None``, the manifest (at most ``max_len``).
+        """Ask for a part (``into`` must be exactly its size) or, with ``part=None``, the manifest
+        (at most ``max_len`` bytes).
 
         A part is written into ``into`` and None returned; the manifest is returned as bytes.
         """
@@ -131,7 +133,8 @@ class DonorConnection:
             raise DonorGone(f"refused the request ({status.name})")
         if into is not None:
             if length != len(into):
-                raise DonorMisbehaved(f"announced {length} bytes for part {part}, the manifest says {len(into)}")
+                raise DonorMisbehaved(
+                    f"announced {length} bytes for part {part}, the manifest says {len(into)}")
             self._recv_into(into)
             return None
         if length > max_len:

@@ -13,7 +13,8 @@ that started fetching epoch e still finishes after the donor publishes epoch e+1
 At most ``max_streams`` connections are served at once (hivemind #169: many newcomers
 choke one donor). A connection beyond that gets ``BUSY`` to its first request and is
 closed; the newcomer then asks another donor, or this one again after a back-off.
-The protocol is in ``checkpoints.wire``.
+The protocol is in ``checkpoints.transfer.wire``; test faults (``ServingFaults``) are
+handed in by whoever builds the server.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Collection
-from dataclasses import dataclass
 
-from checkpoints.transfer.snapshot import StateSnapshot, StateTransferError
+from checkpoints.transfer.errors import StateTransferError
+from checkpoints.transfer.faults import NO_SERVING_FAULTS, ServingFaults
+from checkpoints.transfer.snapshot import StateSnapshot
 from checkpoints.transfer.wire import (
     REQUEST_HEAD,
     ProtocolError,
@@ -38,24 +39,6 @@ from checkpoints.transfer.wire import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServerFaults:
-    """TEST-ONLY fault injection; a real donor never sets any of these.
-
-    - ``corrupt_parts``: part indexes (or ``"all"``) whose payload is sent with one byte flipped;
-    - ``close_after_parts``: after sending this many parts in total the server behaves as if
-      its process died: it closes every connection and accepts no more;
-    - ``part_delay_s``: sleep before sending each part (slows a donor so a test can act mid-transfer).
-    """
-
-    corrupt_parts: Collection[int] | str = ()
-    close_after_parts: int | None = None
-    part_delay_s: float = 0.0
-
-    def corrupts(self, index: int) -> bool:
-        return self.corrupt_parts == "all" or (not isinstance(self.corrupt_parts, str) and index in self.corrupt_parts)
 
 
 class _Closed(Exception):
@@ -73,17 +56,19 @@ class StateServer:
 
     def __init__(
         self, *, host: str = "0.0.0.0", port: int = 0, max_streams: int = 8, keep: int = 2,
-        request_timeout: float = 30.0, send_timeout: float = 120.0, faults: ServerFaults | None = None,
+        request_timeout: float = 30.0, send_timeout: float = 120.0, faults: ServingFaults = NO_SERVING_FAULTS,
     ) -> None:
         if max_streams < 1 or keep < 1:
             raise ValueError("max_streams and keep must be at least 1")
         self.host, self.port = host, port
         self.max_streams, self.keep = max_streams, keep
         self.request_timeout, self.send_timeout = request_timeout, send_timeout
-        self.faults = faults or ServerFaults()
-        # Sockets beyond this (busy ones included) are closed unread: a flood of connections cannot exhaust fds.
+        self.faults = faults
+        # Sockets beyond this (busy ones included) are closed unread: a flood of connections cannot
+        # exhaust fds.
         self.max_sockets = 4 * max_streams + 16
-        self._snapshots: dict[str, StateSnapshot] = {}  # replaced as a whole, never mutated: readers need no lock
+        # Replaced as a whole, never mutated: readers need no lock.
+        self._snapshots: dict[str, StateSnapshot] = {}
         self._order: list[str] = []
         self._publish_lock = threading.Lock()  # serialises publishers only; the loop never takes it
         self._listener: socket.socket | None = None
@@ -108,7 +93,8 @@ class StateServer:
         try:
             listener = socket.create_server((self.host, self.port), backlog=128)
         except OSError as error:
-            raise StateTransferError(f"cannot listen on {self.host}:{self.port}: {error.strerror or error}") from None
+            raise StateTransferError(
+                f"cannot listen on {self.host}:{self.port}: {error.strerror or error}") from None
         listener.setblocking(False)
         self._listener = listener
         self._loop = asyncio.new_event_loop()
@@ -120,7 +106,7 @@ class StateServer:
             raise StateTransferError("state server did not start in time")
 
     def shutdown(self, *, timeout: float = 10.0) -> None:
-        """Stop serving, close every socket and join the thread; safe to call twice or after a failed start."""
+        """Stop serving, close every socket and join the thread; safe twice, or after a failed start."""
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None and thread.is_alive():
             with contextlib.suppress(RuntimeError):  # loop already closed
@@ -148,7 +134,7 @@ class StateServer:
             order = [h for h in self._order if h != snapshot.manifest_sha256] + [snapshot.manifest_sha256]
             order = order[-self.keep:]
             merged = {**self._snapshots, snapshot.manifest_sha256: snapshot}
-            # One reference assignment: the loop thread sees the old or the new dict, never a half-updated one.
+            # One reference assignment: the loop thread sees the old or the new dict, never a half-made one.
             self._snapshots = {h: merged[h] for h in order}
             self._order = order
 
@@ -226,7 +212,7 @@ class StateServer:
         if len(payload) < 65536:
             await asyncio.wait_for(loop.sock_sendall(conn, head + bytes(payload)), self.send_timeout)
             return
-        # Large payloads go straight from the snapshot's memory: sock_sendall sends memoryview slices, no copy.
+        # Large payloads go straight from the snapshot's memory: sock_sendall sends memoryview slices.
         await asyncio.wait_for(loop.sock_sendall(conn, head), self.send_timeout)
         await asyncio.wait_for(loop.sock_sendall(conn, payload), self.send_timeout)
 
@@ -234,14 +220,16 @@ class StateServer:
         admitted = self._active < self.max_streams
         self._active += admitted
         try:
-            while not self._crashed:  # one request per iteration; an idle client is dropped after request_timeout
+            # One request per iteration; an idle client is dropped after request_timeout.
+            while not self._crashed:
                 try:
                     request = await asyncio.wait_for(self._read_request(conn), self.request_timeout)
                 except ProtocolError:
                     await self._send(conn, Status.BAD_REQUEST)
                     return
                 if not admitted:
-                    # Read the request first: closing with unread data would reset the connection and lose the answer.
+                    # Read the request first: closing with unread data would reset the connection and
+                    # lose the answer.
                     self.busy_answers += 1
                     await self._send(conn, Status.BUSY)
                     return
@@ -278,7 +266,8 @@ class StateServer:
             self._crash()
 
     def _crash(self) -> None:
-        """Test fault: behave like a donor whose process just died (every connection drops, nothing accepted)."""
+        """Seam ``close_after_parts``: behave like a donor whose process just died (every connection
+        drops, nothing is accepted)."""
         self._crashed = True
         current = asyncio.current_task()
         for task in list(self._tasks):
