@@ -374,6 +374,13 @@ def test_every_save_phase_is_crash_tested() -> None:
     assert [phase for phase, *_ in CRASHES] == list(CHECKPOINT_PHASES)
 
 
+def test_checkpoints_never_decide_by_themselves_whether_they_are_under_test() -> None:
+    """Fault plans are handed in (CheckpointStore(faults=...), StateServer(faults=...)), never read here."""
+    readers = [str(path.relative_to(REPO_ROOT)) for path in sorted((REPO_ROOT / "checkpoints").rglob("*.py"))
+               if "environ" in path.read_text() or "getenv" in path.read_text()]
+    assert readers == []
+
+
 @pytest.mark.parametrize(("phase", "scenario", "mib", "survivor"), CRASHES)
 def test_sigkill_during_save_never_leaves_a_valid_looking_broken_checkpoint(
     tmp_path: Path, phase: str, scenario: str, mib: int, survivor: tuple[int, int]

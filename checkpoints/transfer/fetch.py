@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from checkpoints.transfer.candidates import OfferLike, rank_offers
 from checkpoints.transfer.client import DonorBusy, DonorConnection, DonorGone, DonorMisbehaved
@@ -122,7 +122,7 @@ def _fetch_manifest(donors: list[Donor], manifest_sha256: str,
 
 
 def _refuse(error: SnapshotRefused, donors: list[Donor], contributors: set[str],
-            manifest_sha256: str) -> None:
+            manifest_sha256: str) -> NoReturn:
     """Name the donors whose bytes make up a refused snapshot as bad, and say who they are."""
     reason = f"{error}; state refused"
     for donor in donors:
