@@ -173,7 +173,8 @@ class Int8BlockCodec(Codec):
 
     def __init__(self) -> None:
         # Value of each code, indexed by the code's unsigned byte (0..127 -> 0..127, 128..255 -> -128..-1);
-        # computed in float64 and rounded once to float32. Code -128 never comes from encode and is read as -1.
+        # computed in float64 and rounded once to float32. Code -128 never comes from encode and is read
+        # as -1.
         codes = np.arange(256, dtype=np.int64).astype(np.uint8).view(np.int8).astype(np.float64)
         magnitudes = np.minimum(np.abs(codes), 127.0) / 127.0
         self._table_by_byte = torch.from_numpy(

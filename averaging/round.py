@@ -141,8 +141,9 @@ def check_group(tickets: Sequence[RoundTicket], mine: RoundTicket) -> None:
         ours = (mine.run_id, mine.epoch, mine.state, mine.codec, mine.schema)
         if theirs != ours:
             raise RoundMismatch(
-                f"member {index} is at run={ticket.run_id!r} epoch={ticket.epoch} state={ticket.state[:12]!r} "
-                f"codec={ticket.codec}, we are at run={mine.run_id!r} epoch={mine.epoch} state={mine.state[:12]!r} "
+                f"member {index} is at run={ticket.run_id!r} epoch={ticket.epoch} "
+                f"state={ticket.state[:12]!r} codec={ticket.codec}, "
+                f"we are at run={mine.run_id!r} epoch={mine.epoch} state={mine.state[:12]!r} "
                 f"codec={mine.codec} (or schemas differ)"
             )
     if not any(ticket.accepts_connections for ticket in tickets):

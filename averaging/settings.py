@@ -51,7 +51,8 @@ class RoundSettings:
     def __post_init__(self) -> None:
         if not 0 < self.request_timeout < self.matchmaking_time:
             raise ValueError(
-                f"need 0 < request_timeout ({self.request_timeout}) < matchmaking_time ({self.matchmaking_time})"
+                f"need 0 < request_timeout ({self.request_timeout}) "
+                f"< matchmaking_time ({self.matchmaking_time})"
             )
         if not 0 < 2 * self.next_chunk_timeout <= self.allreduce_timeout:
             raise ValueError(
@@ -62,7 +63,8 @@ class RoundSettings:
             self.target_group_size is not None and self.target_group_size < self.min_group_size
         ):
             raise ValueError(
-                f"need 2 <= min_group_size ({self.min_group_size}) <= target_group_size ({self.target_group_size})"
+                f"need 2 <= min_group_size ({self.min_group_size}) "
+                f"<= target_group_size ({self.target_group_size})"
             )
         if self.chunk_numel <= 0 or self.chunk_numel % 64:
             raise ValueError(f"chunk_numel must be a positive multiple of 64, got {self.chunk_numel}")
@@ -73,7 +75,8 @@ class RoundSettings:
         """The group size at which a round's leader starts at once (None: after ``matchmaking_time``)."""
         if expected_peers is None or expected_peers < self.min_group_size:
             return self.target_group_size
-        return expected_peers if self.target_group_size is None else min(self.target_group_size, expected_peers)
+        return (expected_peers if self.target_group_size is None
+                else min(self.target_group_size, expected_peers))
 
     def widened_target(self, current: int | None, follower_target: int) -> int | None:
         """A leader's target once a follower said it expects ``follower_target`` (0: the whole window).

@@ -49,7 +49,8 @@ def main() -> None:
             time.sleep(max(0.0, args.start_at + r * args.period - time.time()))
             result = averager.average(tensors, weight=1.0, epoch=r, deadline=time.time() + args.period - 1)
             print(json.dumps({"round": r, "group_size": result.group_size, "allreduce_s": result.allreduce_s,
-                              "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received}), flush=True)
+                              "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received}),
+                  flush=True)
     finally:
         averager.shutdown()
         dht.shutdown()

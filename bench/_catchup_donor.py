@@ -88,8 +88,8 @@ def serve_hivemind(groups: dict[str, dict[str, torch.Tensor]], max_seconds: floa
     averager = None
     try:
         averager = DecentralizedAverager(tensors, dht, start=True, prefix="catchup", allow_state_sharing=True,
-                                         request_timeout=1.0, min_matchmaking_time=2.0, next_chunk_timeout=30.0,
-                                         declare_state_period=5.0)
+                                         request_timeout=1.0, min_matchmaking_time=2.0,
+                                         next_chunk_timeout=30.0, declare_state_period=5.0)
         print(json.dumps({"maddrs": [str(m) for m in dht.get_visible_maddrs()]}), flush=True)
         wait_for_stdin_close(max_seconds)
     finally:
@@ -123,7 +123,8 @@ def main() -> None:
     server.start()
     try:
         server.publish(snapshot)
-        print(json.dumps({"port": server.address()[1], "manifest_sha256": snapshot.manifest_sha256}), flush=True)
+        print(json.dumps({"port": server.address()[1], "manifest_sha256": snapshot.manifest_sha256}),
+              flush=True)
         wait_for_stdin_close(args.max_seconds)
     finally:
         server.shutdown()

@@ -29,8 +29,8 @@ def measure(*, n: int, numel: int, rate_mbit: float, rounds: int = 2, compressio
     peer_script = str(ROOT / "bench" / "_allreduce_peer.py")
     with netns.Network.create(n, rate_mbit=rate_mbit) as net, tempfile.TemporaryDirectory() as tmp:
         start_at = time.time() + 8.0 + n
-        common = ["--numel", str(numel), "--group", str(n), "--rounds", str(rounds), "--start-at", str(start_at),
-                  "--period", str(period), "--compression", compression]
+        common = ["--numel", str(numel), "--group", str(n), "--rounds", str(rounds),
+                  "--start-at", str(start_at), "--period", str(period), "--compression", compression]
         first, rest = net.hosts[0], net.hosts[1:]
         maddr_file = Path(tmp) / "maddr"
         procs = [subprocess.Popen(first.command([sys.executable, peer_script, "--host", first.address,
@@ -42,9 +42,10 @@ def measure(*, n: int, numel: int, rate_mbit: float, rounds: int = 2, compressio
                 time.sleep(0.1)
             entry = maddr_file.read_text()
             for host in rest:
-                procs.append(subprocess.Popen(host.command([sys.executable, peer_script, "--host", host.address,
-                                                            "--peers", entry, *common]),
-                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+                procs.append(subprocess.Popen(
+                    host.command([sys.executable, peer_script, "--host", host.address,
+                                  "--peers", entry, *common]),
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
             outputs = [p.communicate(timeout=start_at - time.time() + rounds * period + 60)[0] for p in procs]
         finally:
             for p in procs:
@@ -60,7 +61,8 @@ def measure(*, n: int, numel: int, rate_mbit: float, rounds: int = 2, compressio
     measured = min(times)
     return {"n": n, "ok": True, "bytes": payload, "rate_mbit": rate_mbit, "floor_s": round(floor, 3),
             "allreduce_s": round(measured, 3), "efficiency": round(floor / measured, 4),
-            "bytes_sent_per_peer": per_peer[0][full_rounds[-1]]["bytes_sent"], "all_rounds_s": [round(t, 3) for t in times]}
+            "bytes_sent_per_peer": per_peer[0][full_rounds[-1]]["bytes_sent"],
+            "all_rounds_s": [round(t, 3) for t in times]}
 
 
 if __name__ == "__main__":

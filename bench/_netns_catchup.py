@@ -42,7 +42,8 @@ def measure(*, mb: int, rate_mbit: float, donors: int, state_file: Path, meta: d
         newcomer, donor_hosts = net.hosts[0], net.hosts[1:]
         for host in donor_hosts:
             net.shape(host, rate_mbit=rate_mbit)
-        infos = [stack.enter_context(spawn_donor("ours", state_file, meta, wrap=host.command, host=host.address))
+        infos = [stack.enter_context(spawn_donor("ours", state_file, meta, wrap=host.command,
+                                                 host=host.address))
                  for host in donor_hosts]
         results = {}
         for n in sorted({1, donors}):
@@ -50,12 +51,14 @@ def measure(*, mb: int, rate_mbit: float, donors: int, state_file: Path, meta: d
                            manifest_sha256=infos[i]["manifest_sha256"], total_bytes=meta["total_bytes"],
                            tcp=[f"{donor_hosts[i].address}:{infos[i]['port']}"], time=float(time.time()))
                       for i in range(n)]
-            out = subprocess.run(newcomer.command([sys.executable, "-c", _FETCH.format(root=str(ROOT)), json.dumps(offers)]),
+            out = subprocess.run(newcomer.command([sys.executable, "-c", _FETCH.format(root=str(ROOT)),
+                                                   json.dumps(offers)]),
                                  capture_output=True, text=True, timeout=600, cwd=ROOT)
             if out.returncode != 0:
                 raise RuntimeError(f"fetch in the namespace failed: {out.stderr.strip().splitlines()[-1:]}")
             got = json.loads(out.stdout.strip().splitlines()[-1])
             rate = got["bytes"] / got["seconds"]
             results[n] = {"mb_per_s": round(rate / 1e6, 2), "capacity_mb_per_s": round(n * link / 1e6, 2),
-                          "share_of_capacity": round(rate / (n * link), 4), "seconds": round(got["seconds"], 2)}
+                          "share_of_capacity": round(rate / (n * link), 4),
+                          "seconds": round(got["seconds"], 2)}
     return {"mb": mb, "rate_mbit": rate_mbit, "by_donors": results}

@@ -1,4 +1,7 @@
-"""Helpers for benchmarks that run real `worker start` processes: start, wait, stop, a model of a given size."""
+"""Helpers for benchmarks that run real `worker start` processes.
+
+Start, wait, stop, a model of a given size.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ T = TypeVar("T")
 
 def start(run_dir: Path, args: Sequence[str], *, wrap: Callable[[list[str]], list[str]] = lambda argv: argv,
           ) -> subprocess.Popen[bytes]:
-    """Start `worker start --run-dir RUN_DIR ARGS` (through `wrap`, e.g. `ip netns exec`), logging to RUN_DIR/worker.log."""
+    """Start `worker start --run-dir RUN_DIR ARGS` (through `wrap`, e.g. `ip netns exec`).
+
+    It logs to RUN_DIR/worker.log.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     log = open(run_dir / "worker.log", "wb")  # noqa: SIM115 (the child owns it)
     argv = wrap([sys.executable, "-m", "worker", "start", "--run-dir", str(run_dir), *args])

@@ -80,7 +80,10 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def real_pseudo_gradients(num_peers: int, inner_steps: int) -> list[list[torch.Tensor]]:
-    """Pseudo-gradients theta_g - theta_local of tiny-model workers after H inner steps on their own shards."""
+    """Pseudo-gradients theta_g - theta_local of tiny-model workers.
+
+    Each after H inner steps on its own shard.
+    """
     from worker.config import TrainConfig
     from worker.data import ByteTokenizer, open_stream
     from worker.model import build_model
@@ -90,9 +93,11 @@ def real_pseudo_gradients(num_peers: int, inner_steps: int) -> list[list[torch.T
     cfg = TrainConfig(inner_steps=inner_steps, batch_size=8, warmup_steps=0)
     peers = []
     for i in range(num_peers):
-        trainer = InnerTrainer(model=build_model("tiny", seed=0, vocab_min=259), cfg=cfg, device=torch.device("cpu"))
-        data = open_stream(dataset="embedded", dataset_config=None, text_field="text", tokenizer=ByteTokenizer(),
-                           seq_len=128, batch_size=8, shard_key=f"peer-{i}", seed=0)
+        trainer = InnerTrainer(model=build_model("tiny", seed=0, vocab_min=259), cfg=cfg,
+                               device=torch.device("cpu"))
+        data = open_stream(dataset="embedded", dataset_config=None, text_field="text",
+                           tokenizer=ByteTokenizer(), seq_len=128, batch_size=8, shard_key=f"peer-{i}",
+                           seed=0)
         for _ in range(inner_steps):
             trainer.step(data.next_batch(), want_loss=False)
         peers.append([(g - p.detach()).flatten() for g, p in zip(start, trainer.params, strict=True)])
@@ -102,7 +107,8 @@ def real_pseudo_gradients(num_peers: int, inner_steps: int) -> list[list[torch.T
 def codec_errors(numel: int, *, inner_steps: int) -> dict[str, float]:
     """Relative L2 error per codec and data kind; returns the errors on real pseudo-gradients."""
     weights = WEIGHTS
-    datasets = [("gaussian", make_peer_data(numel, 3, False)), ("gaussian+outliers", make_peer_data(numel, 3, True)),
+    datasets = [("gaussian", make_peer_data(numel, 3, False)),
+                ("gaussian+outliers", make_peer_data(numel, 3, True)),
                 (f"pseudo-grad H={inner_steps}", real_pseudo_gradients(3, inner_steps))]
     real: dict[str, float] = {}
     for label, peers in datasets:
@@ -135,8 +141,10 @@ def efficiency(numel: int, rate_mbit: float, sizes: Sequence[int]) -> dict[int, 
         result = measure(n=n, numel=numel, rate_mbit=rate_mbit)
         out[n] = result
         if result["ok"]:
-            print(f"efficiency N={n}: floor {result['floor_s']:.2f}s, all-reduce {result['allreduce_s']:.2f}s "
-                  f"-> {100 * result['efficiency']:.1f}% of the floor ({numel * 4 / 1e6:.0f} MB, {rate_mbit:g} Mbit/s, "
+            print(f"efficiency N={n}: floor {result['floor_s']:.2f}s, "
+                  f"all-reduce {result['allreduce_s']:.2f}s "
+                  f"-> {100 * result['efficiency']:.1f}% of the floor "
+                  f"({numel * 4 / 1e6:.0f} MB, {rate_mbit:g} Mbit/s, "
                   f"sent {result['bytes_sent_per_peer'] / 1e6:.1f} MB per peer)")
         else:
             print(f"efficiency N={n}: no full group formed")
@@ -150,7 +158,8 @@ def traffic(numel: int, n: int, inner_steps: int) -> dict[str, dict[str, float]]
     for name in ("none", "fp16", "int8"):
         per_round = 2 * (n - 1) / n * get_codec(name).encoded_nbytes(numel)
         out[name] = {"bytes_per_outer_step": per_round, "reduction_vs_ddp": ddp / per_round}
-        print(f"traffic {name:5s}: {per_round / 1e6:8.1f} MB per peer per outer step (N={n}, {numel / 1e6:.1f}M params); "
+        print(f"traffic {name:5s}: {per_round / 1e6:8.1f} MB per peer per outer step "
+              f"(N={n}, {numel / 1e6:.1f}M params); "
               f"data parallel over H={inner_steps} steps: {ddp / 1e6:.0f} MB -> {ddp / per_round:,.0f}x less")
     return out
 
@@ -244,13 +253,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a short version for the test suite")
-    parser.add_argument("--numel", type=int, default=25_000_000, help="values averaged in the shaped-link and loopback rounds")
+    parser.add_argument("--numel", type=int, default=25_000_000,
+                        help="values averaged in the shaped-link and loopback rounds")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--codec-numel", type=int, default=4_000_000)
-    parser.add_argument("--inner-steps", type=int, default=50, help="H for the real pseudo-gradients and the traffic figures")
+    parser.add_argument("--inner-steps", type=int, default=50,
+                        help="H for the real pseudo-gradients and the traffic figures")
     parser.add_argument("--rate-mbit", type=float, default=200.0, help="tbf rate of every uplink")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4], help="group sizes N for the efficiency")
-    parser.add_argument("--skip-stock", action="store_true", help="skip the loopback comparison with stock hivemind")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4],
+                        help="group sizes N for the efficiency")
+    parser.add_argument("--skip-stock", action="store_true",
+                        help="skip the loopback comparison with stock hivemind")
     args = parser.parse_args()
     if args.quick:
         args.numel, args.repeats, args.codec_numel, args.inner_steps = 1_000_000, 1, 200_000, 5
@@ -304,11 +317,13 @@ def loopback_comparison(numel: int, repeats: int) -> None:
                 stock_walls.append(wall)
             ours_wall, stock_wall = statistics.median(ours_walls), statistics.median(stock_walls)
             print(
-                f"{name:5s} ours : round {ours_wall:6.2f}s (all-reduce {statistics.median(ours_allreduce):.2f}s)"
+                f"{name:5s} ours : round {ours_wall:6.2f}s "
+                f"(all-reduce {statistics.median(ours_allreduce):.2f}s)"
                 f"  {ours_note}"
             )
             print(
-                f"{name:5s} stock: round {stock_wall:6.2f}s  {stock_note}  ({type(stock_compression).__name__})"
+                f"{name:5s} stock: round {stock_wall:6.2f}s  {stock_note}  "
+                f"({type(stock_compression).__name__})"
             )
             print(f"{name:5s} ratio ours/stock: {ours_wall / stock_wall:.2f}")
     finally:

@@ -66,15 +66,16 @@ def make_state(total_mb: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor
 
 @contextmanager
 def donor(mode: str, state_file: Path, meta: dict[str, Any], *, timeout: float = 120.0,
-          wrap: Callable[[list[str]], list[str]] = lambda argv: argv, host: str = "127.0.0.1") -> Iterator[dict[str, Any]]:
+          wrap: Callable[[list[str]], list[str]] = lambda argv: argv,
+          host: str = "127.0.0.1") -> Iterator[dict[str, Any]]:
     """A donor process; yields its JSON announcement and always stops it (stdin closed, then kill).
 
     ``wrap`` turns the command into another (e.g. ``netns.Host.command`` to run it inside a namespace),
     and ``host`` is the address the ``ours`` server binds there.
     """
     proc = subprocess.Popen(
-        wrap([sys.executable, str(DONOR), "--mode", mode, "--state", str(state_file), "--meta", json.dumps(meta),
-              "--host", host]),
+        wrap([sys.executable, str(DONOR), "--mode", mode, "--state", str(state_file),
+              "--meta", json.dumps(meta), "--host", host]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )
     try:
@@ -117,8 +118,8 @@ def stock_hivemind(maddrs: list[str], total: int, repeats: int) -> list[float]:
     averager = None
     try:
         averager = DecentralizedAverager([torch.zeros(16)], dht, start=True, prefix="catchup",
-                                         allow_state_sharing=False, request_timeout=1.0, min_matchmaking_time=2.0,
-                                         next_chunk_timeout=30.0)
+                                         allow_state_sharing=False, request_timeout=1.0,
+                                         min_matchmaking_time=2.0, next_chunk_timeout=30.0)
         times: list[float] = []
         for _ in range(repeats * 20):  # bounded: the donor's declaration may take a moment to become visible
             if len(times) == repeats:
@@ -156,7 +157,8 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=200, help="state size in MB")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--quick", action="store_true", help="20 MB, 2 repeats, no namespaces (for the test suite)")
+    parser.add_argument("--quick", action="store_true",
+                        help="20 MB, 2 repeats, no namespaces (for the test suite)")
     parser.add_argument("--netns-mb", type=int, default=50, help="state size for the shaped-link part")
     parser.add_argument("--rate-mbit", type=float, default=200.0, help="tbf rate of every donor's uplink")
     parser.add_argument("--netns-donors", type=int, default=2)
@@ -179,13 +181,15 @@ def main() -> None:
         save_file({f"{g}/{n}": t for g, ts in state.items() for n, t in ts.items()}, str(state_file))
 
         with donor("raw", state_file, meta) as info:
-            rows.append(("raw TCP, 1 stream (ceiling)", [raw_tcp(info["port"], total) for _ in range(args.repeats)]))
+            rows.append(("raw TCP, 1 stream (ceiling)",
+                         [raw_tcp(info["port"], total) for _ in range(args.repeats)]))
 
         with donor("ours", state_file, meta) as a, donor("ours", state_file, meta) as b:
             assert a["manifest_sha256"] == b["manifest_sha256"] == snapshot.manifest_sha256, "donors disagree"
             offers = [Offer(peer_id=f"donor-{i}", epoch=1, param_sha256=digest,
                                  manifest_sha256=snapshot.manifest_sha256, total_bytes=total,
-                                 tcp=[f"127.0.0.1:{d['port']}"], time=float(time.time())) for i, d in enumerate((a, b))]
+                                 tcp=[f"127.0.0.1:{d['port']}"], time=float(time.time()))
+                      for i, d in enumerate((a, b))]
 
             def fetch(n: int) -> None:
                 # As the worker fetches: every part checked against the signed manifest during the transfer,
@@ -198,16 +202,19 @@ def main() -> None:
             rows.append((f"ours, 2 donors, {args.streams} streams", timed(lambda: fetch(2), args.repeats)))
 
         with donor("hivemind", state_file, meta) as info:
-            rows.append(("hivemind load_state_from_peers", stock_hivemind(info["maddrs"], payload, args.repeats)))
+            rows.append(("hivemind load_state_from_peers",
+                         stock_hivemind(info["maddrs"], payload, args.repeats)))
 
         shaped = shaped_links(args)
 
     rates = {name: mb / statistics.median(times) for name, times in rows}
     print(f"state: {mb:.1f} MB ({len(state['global'])} + {len(state['outer'])} fp32 tensors), "
-          f"{snapshot.num_parts} parts; median of {args.repeats}; donors in separate processes, newcomer here")
+          f"{snapshot.num_parts} parts; median of {args.repeats}; "
+          "donors in separate processes, newcomer here")
     print(f"{'method':40s} {'median s':>9s} {'MB/s':>8s}  runs (s)")
     for name, times in rows:
-        print(f"{name:40s} {statistics.median(times):9.3f} {rates[name]:8.0f}  {' '.join(f'{t:.3f}' for t in times)}")
+        print(f"{name:40s} {statistics.median(times):9.3f} {rates[name]:8.0f}  "
+              f"{' '.join(f'{t:.3f}' for t in times)}")
     raw = rates[rows[0][0]]
     ours1, ours2, stock = rates[rows[1][0]], rates[rows[2][0]], rates[rows[3][0]]
     print(f"of which param_sha256 of the global group: {param_check_s:.3f}s "
@@ -215,7 +222,8 @@ def main() -> None:
     print(json.dumps({
         "bench": "catchup", "mb": round(mb, 1), "ratio_vs_tcp": round(ours1 / raw, 3),
         "ratio_vs_hivemind": round(ours1 / stock, 2), "mb_per_s": round(ours1, 1),
-        "mb_per_s_2_donors": round(ours2, 1), "tcp_mb_per_s": round(raw, 1), "hivemind_mb_per_s": round(stock, 1),
+        "mb_per_s_2_donors": round(ours2, 1), "tcp_mb_per_s": round(raw, 1),
+        "hivemind_mb_per_s": round(stock, 1),
         "param_check_s": round(param_check_s, 3), "shaped": shaped,
     }))
 
@@ -238,11 +246,12 @@ def shaped_links(args: argparse.Namespace) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory(prefix="catchup-ns-") as tmp:
         state_file = Path(tmp) / "state.safetensors"
         save_file({f"{g}/{n}": t for g, ts in state.items() for n, t in ts.items()}, str(state_file))
-        result = measure(mb=args.netns_mb, rate_mbit=args.rate_mbit, donors=args.netns_donors, state_file=state_file,
-                         meta={**meta, "total_bytes": total}, spawn_donor=donor)
+        result = measure(mb=args.netns_mb, rate_mbit=args.rate_mbit, donors=args.netns_donors,
+                         state_file=state_file, meta={**meta, "total_bytes": total}, spawn_donor=donor)
     for n, r in result["by_donors"].items():
         print(f"shaped links, {n} donor(s) at {args.rate_mbit:g} Mbit/s each: {r['mb_per_s']:.1f} MB/s of "
-              f"{r['capacity_mb_per_s']:.1f} MB/s capacity -> {100 * r['share_of_capacity']:.1f}% ({r['seconds']:.2f}s)")
+              f"{r['capacity_mb_per_s']:.1f} MB/s capacity -> {100 * r['share_of_capacity']:.1f}% "
+              f"({r['seconds']:.2f}s)")
     return result
 
 

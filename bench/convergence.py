@@ -1,4 +1,5 @@
-"""Training quality: DiLoCo (M workers, H inner steps) against synchronous data parallel, same tokens and steps.
+"""Training quality: DiLoCo (M workers, H inner steps) against synchronous data parallel, same tokens
+and steps.
 
 An in-process simulation with the worker's own parts (InnerTrainer, OuterOptimizer,
 data streams): the M workers run one after another inside each round, each on its
@@ -53,11 +54,12 @@ def eval_loss(params: list[torch.Tensor], seed: int, seq_len: int, batches: list
 
 
 def train_cfg(args: argparse.Namespace, batch: int) -> TrainConfig:
-    return TrainConfig(inner_steps=args.inner_steps, batch_size=batch, lr=args.lr, warmup_steps=args.steps // 20,
-                       total_steps=args.steps, grad_clip=1.0, weight_decay=0.1)
+    return TrainConfig(inner_steps=args.inner_steps, batch_size=batch, lr=args.lr,
+                       warmup_steps=args.steps // 20, total_steps=args.steps, grad_clip=1.0, weight_decay=0.1)
 
 
-def run_diloco(args: argparse.Namespace, *, m: int, batch: int, seed: int, evals: list[torch.Tensor]) -> list[tuple[int, float]]:
+def run_diloco(args: argparse.Namespace, *, m: int, batch: int, seed: int,
+               evals: list[torch.Tensor]) -> list[tuple[int, float]]:
     """M workers, H inner steps, outer Nesterov; returns (step, held-out loss of theta_g) after each round."""
     base = build_model("tiny", seed=seed, vocab_min=259)
     outer = OuterOptimizer(list(base.parameters()), lr=args.outer_lr, momentum=0.9, nesterov=True)
@@ -82,10 +84,11 @@ def run_diloco(args: argparse.Namespace, *, m: int, batch: int, seed: int, evals
     return curve
 
 
-def run_ddp(args: argparse.Namespace, *, m: int, batch: int, seed: int, evals: list[torch.Tensor]) -> list[tuple[int, float]]:
+def run_ddp(args: argparse.Namespace, *, m: int, batch: int, seed: int,
+            evals: list[torch.Tensor]) -> list[tuple[int, float]]:
     """One model stepping on the M workers' batches together (synchronous data parallel)."""
-    trainer = InnerTrainer(model=build_model("tiny", seed=seed, vocab_min=259), cfg=train_cfg(args, batch * m),
-                           device=torch.device("cpu"))
+    trainer = InnerTrainer(model=build_model("tiny", seed=seed, vocab_min=259),
+                           cfg=train_cfg(args, batch * m), device=torch.device("cpu"))
     streams = [stream(f"worker-{i}", batch, args.seq_len, seed) for i in range(m)]
     curve = []
     for step in range(1, args.steps + 1):
@@ -96,12 +99,14 @@ def run_ddp(args: argparse.Namespace, *, m: int, batch: int, seed: int, evals: l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # The first paragraph (argparse joins its lines into one).
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run for tests")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--inner-steps", type=int, default=50)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8, help="sequences per worker per step (global batch = workers x batch)")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="sequences per worker per step (global batch = workers x batch)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--outer-lr", type=float, default=0.7)
@@ -112,9 +117,11 @@ def main() -> None:
         args.steps, args.inner_steps, args.seeds, args.batch, args.seq_len = 20, 10, [0], 2, 32
     torch.set_num_threads(2)
     began = time.perf_counter()
-    results: dict[str, list[list[tuple[int, float]]]] = {"diloco": [], "ddp": [], "diloco_m1": [], "single_1_over_m": []}
+    results: dict[str, list[list[tuple[int, float]]]] = {"diloco": [], "ddp": [], "diloco_m1": [],
+                                                         "single_1_over_m": []}
     for seed in args.seeds:
-        evals = [stream("eval", 16, args.seq_len, seed, split="eval").next_batch() for _ in range(4 if not args.quick else 1)]
+        evals = [stream("eval", 16, args.seq_len, seed, split="eval").next_batch()
+                 for _ in range(4 if not args.quick else 1)]
         m, b = args.workers, args.batch
         # (name, runner, workers, per-worker batch): the controls keep the same step count.
         variants = [("diloco", run_diloco, m, b), ("ddp", run_ddp, m, b), ("diloco_m1", run_diloco, 1, m * b),
@@ -123,10 +130,12 @@ def main() -> None:
             t = time.perf_counter()
             curve = runner(args, m=workers, batch=batch, seed=seed, evals=evals)
             results[name].append(curve)
-            print(f"seed {seed} {name:16s} held-out loss {curve[-1][1]:.4f}  ({time.perf_counter() - t:.0f}s)", flush=True)
+            print(f"seed {seed} {name:16s} held-out loss {curve[-1][1]:.4f}  "
+                  f"({time.perf_counter() - t:.0f}s)", flush=True)
     final = {name: statistics.mean(c[-1][1] for c in curves) for name, curves in results.items()}
     gap = 100 * (final["diloco"] - final["ddp"]) / final["ddp"]
-    print(f"DiLoCo M={args.workers} H={args.inner_steps}: {final['diloco']:.4f}  data parallel: {final['ddp']:.4f}  gap {gap:+.1f}%")
+    print(f"DiLoCo M={args.workers} H={args.inner_steps}: {final['diloco']:.4f}  "
+          f"data parallel: {final['ddp']:.4f}  gap {gap:+.1f}%")
     if args.plot:
         import matplotlib
 
@@ -140,7 +149,8 @@ def main() -> None:
             ax.plot(steps, mean, marker="o", markersize=3, label=name)
         ax.set_xlabel("inner steps (data-parallel steps)")
         ax.set_ylabel("held-out loss (mean over seeds)")
-        ax.set_title(f"tiny Llama, embedded corpus, M={args.workers}, H={args.inner_steps}, {len(args.seeds)} seeds")
+        ax.set_title(f"tiny Llama, embedded corpus, M={args.workers}, H={args.inner_steps}, "
+                     f"{len(args.seeds)} seeds")
         ax.legend()
         ax.grid(alpha=0.3)
         args.plot.parent.mkdir(parents=True, exist_ok=True)

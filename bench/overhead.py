@@ -94,14 +94,17 @@ def main() -> None:
                 worker_tps.append(w)
                 bare_tps.append(b)
                 ratios.append(w / b)
-                print(f"round {r + 1}/{args.rounds}: worker {w:,.0f} tok/s  bare {b:,.0f} tok/s  ratio {w / b:.3f}", flush=True)
+                print(f"round {r + 1}/{args.rounds}: worker {w:,.0f} tok/s  bare {b:,.0f} tok/s  "
+                      f"ratio {w / b:.3f}", flush=True)
         finally:
             worker.shutdown()
     ratio = statistics.median(ratios)
     print(f"median ratio {ratio:.3f} (target >= 0.97)")
     print(json.dumps({
-        "bench": "overhead", "ratio": round(ratio, 4), "worker_tokens_per_s": round(statistics.median(worker_tps)),
-        "bare_tokens_per_s": round(statistics.median(bare_tps)), "model": args.model, "batch_size": args.batch_size,
+        "bench": "overhead", "ratio": round(ratio, 4),
+        "worker_tokens_per_s": round(statistics.median(worker_tps)),
+        "bare_tokens_per_s": round(statistics.median(bare_tps)), "model": args.model,
+        "batch_size": args.batch_size,
         "seq_len": args.seq_len, "steps": args.steps, "rounds": args.rounds, "device": "cpu",
     }))
 

@@ -20,7 +20,8 @@ by how long the inner phase is against the all-reduce).
 
 Without root (no namespaces) the workers run on loopback, unshaped, and the output says so.
 
-    python bench/utilization.py [--quick] [--workers 4] [--rate-mbit 100] [--inner-steps 30] [--plot docs/utilization.png]
+    python bench/utilization.py [--quick] [--workers 4] [--rate-mbit 100] [--inner-steps 30]
+        [--plot docs/utilization.png]
 
 Ends with one JSON line: {"bench": "utilization", "utilization": ..., ...}.
 """
@@ -90,7 +91,8 @@ def plot(run_dirs: list[Path], path: Path, title: str) -> None:
     ax.set_yticks(range(len(run_dirs)), [d.name for d in run_dirs])
     ax.set_xlabel("seconds since the end of the first round")
     ax.set_title(title)
-    colors = {"inner steps": "tab:green", "blocked at the outer step": "tab:red", "checkpoint and the rest": "tab:gray"}
+    colors = {"inner steps": "tab:green", "blocked at the outer step": "tab:red",
+              "checkpoint and the rest": "tab:gray"}
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()], labels=list(colors),
               loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
     fig.tight_layout()
@@ -120,10 +122,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="utilization-") as tmp:
         base = Path(tmp)
         model = "tiny" if args.quick else custom_model(base / "model", args.hidden, args.layers)
-        common = ["--model", model, "--batch-size", "4", "--seq-len", "128", "--threads", "1", "--no-progress",
-                  "--inner-steps", str(args.inner_steps), "--compression", args.compression, "--matchmaking-time", "3",
-                  "--request-timeout", "1", "--averaging-timeout", "120", "--max-epochs", str(args.rounds + 1),
-                  "--min-peers", str(args.workers), "--join-timeout", "120"]
+        common = ["--model", model, "--batch-size", "4", "--seq-len", "128", "--threads", "1",
+                  "--no-progress", "--inner-steps", str(args.inner_steps), "--compression", args.compression,
+                  "--matchmaking-time", "3", "--request-timeout", "1", "--averaging-timeout", "120",
+                  "--max-epochs", str(args.rounds + 1), "--min-peers", str(args.workers),
+                  "--join-timeout", "120"]
         run_dirs = [base / f"w{i}" for i in range(args.workers)]
         network = netns.Network.create(args.workers, rate_mbit=args.rate_mbit) if shaped else None
         procs: list[subprocess.Popen[bytes]] = []
@@ -133,9 +136,11 @@ def main() -> None:
                 args_i = ["--host-maddrs", host, *common]
                 if i > 0:
                     first = run_dirs[0] / "peer.json"
-                    peer = wait(lambda p=first: p.exists() and json.loads(p.read_text()), 60, "the first worker's address")
+                    peer = wait(lambda p=first: p.exists() and json.loads(p.read_text()), 60,
+                                "the first worker's address")
                     args_i += ["--initial-peers", peer["maddrs"][0]]
-                procs.append(start(run_dir, args_i, wrap=network.hosts[i].command if network else lambda argv: argv))
+                procs.append(start(run_dir, args_i,
+                                   wrap=network.hosts[i].command if network else lambda argv: argv))
             deadline = time.monotonic() + (240 if args.quick else 900)
             for proc in procs:
                 code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -143,7 +148,8 @@ def main() -> None:
                     raise RuntimeError(f"a worker exited with {code}; see its worker.log")
             results = [worker_utilization(d) for d in run_dirs]
             if args.plot:
-                plot(run_dirs, args.plot, f"{args.workers} workers, {args.rate_mbit:g} Mbit/s uplinks, H={args.inner_steps}")
+                plot(run_dirs, args.plot,
+                     f"{args.workers} workers, {args.rate_mbit:g} Mbit/s uplinks, H={args.inner_steps}")
         finally:
             stop_all(procs)
             if network:
@@ -153,7 +159,8 @@ def main() -> None:
     for r in results:
         print(f"{r['worker']}: utilization {100 * r['utilization']:.1f}% (not blocked by the outer step "
               f"{100 * r['not_blocked']:.1f}%) over {r['rounds']} rounds, blocked "
-              f"{r['blocked_s']:.2f}s per round, all-reduce {r['allreduce_s']:.2f}s, groups {r['group_sizes']}")
+              f"{r['blocked_s']:.2f}s per round, all-reduce {r['allreduce_s']:.2f}s, "
+              f"groups {r['group_sizes']}")
     utilization = statistics.mean(r["utilization"] for r in results)
     allreduce_s = statistics.median(r["allreduce_s"] for r in results)
     sent = statistics.median(r["bytes_sent"] for r in results)
@@ -165,7 +172,8 @@ def main() -> None:
           + ("" if full else "; some rounds were not one group of all workers"))
     print(json.dumps({
         "bench": "utilization", "utilization": round(utilization, 4),
-        "not_blocked": round(statistics.mean(r["not_blocked"] for r in results), 4), "workers": n, "shaped": shaped,
+        "not_blocked": round(statistics.mean(r["not_blocked"] for r in results), 4), "workers": n,
+        "shaped": shaped,
         "rate_mbit": args.rate_mbit if shaped else None, "inner_steps": args.inner_steps,
         "model": "tiny" if args.quick else f"{args.hidden}x{args.layers}", "compression": args.compression,
         "allreduce_s": round(allreduce_s, 3), "allreduce_floor_s": round(floor_s, 3) if floor_s else None,

@@ -17,7 +17,10 @@ RECORD_TTL = 60.0
 
 
 class ProgressRecord(pydantic.BaseModel):
-    """What one peer publishes about itself (strict types: hivemind's schema check compares values exactly)."""
+    """What one peer publishes about itself.
+
+    Strict types: hivemind's schema check compares values exactly.
+    """
 
     peer_id: pydantic.StrictStr
     epoch: pydantic.conint(ge=0, strict=True)  # type: ignore[valid-type]
@@ -53,7 +56,8 @@ def check_agreement(records: list[ProgressRecord], *, epoch: int, my_peer_id: st
     at_epoch[my_peer_id] = my_hash
     counts = Counter(at_epoch.values())
     reference, votes = min(counts.items(), key=lambda item: (-item[1], item[0]))
-    return Agreement(epoch=epoch, majority_hash=reference, votes=votes, peers=len(at_epoch), mine_agrees=my_hash == reference)
+    return Agreement(epoch=epoch, majority_hash=reference, votes=votes, peers=len(at_epoch),
+                     mine_agrees=my_hash == reference)
 
 
 def vouched_state(records: list[ProgressRecord], *, since: int = 0) -> tuple[int, str] | None:

@@ -16,8 +16,9 @@ def status_rows(records: list[ProgressRecord]) -> list[dict[str, Any]]:
     now = get_dht_time()
     return [
         {
-            "peer_id": r.peer_id, "epoch": r.epoch, "inner_step": r.inner_step, "tokens_per_s": r.tokens_per_s,
-            "loss": r.loss, "param_sha256": r.param_sha256, "in_sync": r.in_sync, "last_seen_s": round(max(0.0, now - r.time), 1),
+            "peer_id": r.peer_id, "epoch": r.epoch, "inner_step": r.inner_step,
+            "tokens_per_s": r.tokens_per_s, "loss": r.loss, "param_sha256": r.param_sha256,
+            "in_sync": r.in_sync, "last_seen_s": round(max(0.0, now - r.time), 1),
             "maddrs": r.maddrs,
         }
         for r in sorted(records, key=lambda r: (-r.epoch, r.peer_id))
@@ -30,7 +31,8 @@ def render_json(run_id: str, records: list[ProgressRecord]) -> str:
 
 def render_table(run_id: str, records: list[ProgressRecord], console: Console) -> None:
     if not records:
-        console.print(f"no live peers of run {run_id!r} found yet (still looking: are they started with this --run-id?)")
+        console.print(f"no live peers of run {run_id!r} found yet "
+                      "(still looking: are they started with this --run-id?)")
         return
     rows = status_rows(records)
     hashes = {(r["epoch"], r["param_sha256"]) for r in rows}
@@ -40,7 +42,8 @@ def render_table(run_id: str, records: list[ProgressRecord], console: Console) -
     for r in rows:
         table.add_row(
             r["peer_id"][:16] + "…", str(r["epoch"]), str(r["inner_step"]), f"{r['tokens_per_s']:,.0f}",
-            f"{r['loss']:.4f}", r["param_sha256"][:12], "yes" if r["in_sync"] else "[red]NO[/]", f"{r['last_seen_s']:.0f}s ago",
+            f"{r['loss']:.4f}", r["param_sha256"][:12], "yes" if r["in_sync"] else "[red]NO[/]",
+            f"{r['last_seen_s']:.0f}s ago",
         )
     console.print(table)
     epochs = {e for e, _ in hashes}

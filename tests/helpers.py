@@ -35,7 +35,8 @@ def start_worker(run_dir: Path, *args: str, env: dict[str, str] | None = None) -
     )
 
 
-def run_worker(run_dir: Path, *args: str, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_worker(run_dir: Path, *args: str, timeout: float = 180,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `worker start` to completion and return its output."""
     run_dir.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
@@ -76,7 +77,8 @@ def mentioning(text: str) -> list[int]:
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             pid = int(cmdline.parent.name)
-            if pid != os.getpid() and text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+            if pid != os.getpid() and text in (cmdline.read_bytes().replace(b"\0", b" ")
+                                               .decode(errors="replace")):
                 found.append(pid)
         except (OSError, ValueError):
             continue

@@ -61,8 +61,8 @@ class Network:
                 host = Host(name=f"dlh{tag}{i}", address=f"10.{octet}.0.{i + 1}")
                 _ip("netns", "add", host.name)
                 net.hosts.append(host)
-                _ip("link", "add", f"v{tag}{i}", "netns", host.name, "type", "veth", "peer", "name", f"b{tag}{i}",
-                    "netns", net._bridge_ns)
+                _ip("link", "add", f"v{tag}{i}", "netns", host.name, "type", "veth", "peer",
+                    "name", f"b{tag}{i}", "netns", net._bridge_ns)
                 _ip("-n", host.name, "link", "set", "lo", "up")
                 _ip("-n", host.name, "link", "set", f"v{tag}{i}", "name", "eth0")
                 _ip("-n", host.name, "addr", "add", f"{host.address}/24", "dev", "eth0")
@@ -88,7 +88,8 @@ class Network:
     def destroy(self) -> None:
         for host in self.hosts:
             # Kill anything still running inside before the namespace goes.
-            pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True, text=True).stdout.split()
+            pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True,
+                                  text=True).stdout.split()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), 9)

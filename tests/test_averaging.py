@@ -296,14 +296,16 @@ def test_a_round_starts_once_the_expected_peers_joined(dhts: list[hivemind.DHT])
         deadline = get_dht_time() + 40
         results = run_concurrently(
             [
-                lambda i=i: peers[i].average(tensors[i], weight=1.0, epoch=0, deadline=deadline, expected_peers=2)
+                lambda i=i: peers[i].average(tensors[i], weight=1.0, epoch=0, deadline=deadline,
+                                             expected_peers=2)
                 for i in range(2)
             ],
             timeout=50,
         )
     assert [r.group_size for r in results] == [2, 2], [r.failures for r in results]
     # Waiting out matchmaking_time would take 15 s; the group formed as soon as both were there.
-    assert max(r.matchmaking_s for r in results) < slow["matchmaking_time"] / 2, [r.matchmaking_s for r in results]
+    assert max(r.matchmaking_s for r in results) < slow["matchmaking_time"] / 2, \
+        [r.matchmaking_s for r in results]
 
 
 @pytest.mark.parametrize("newcomer_expects", [3, None], ids=["expects-3", "expects-a-full-window"])
@@ -344,7 +346,8 @@ def test_lone_peer_returns_untouched_by_the_deadline(dhts: list[hivemind.DHT]) -
 
 def test_a_leader_target_only_widens_and_stays_under_the_cap() -> None:
     uncapped, capped = RoundSettings(), RoundSettings(target_group_size=4)
-    assert uncapped.round_target(None) is None and uncapped.round_target(3) == 3 and capped.round_target(8) == 4
+    assert (uncapped.round_target(None) is None and uncapped.round_target(3) == 3
+            and capped.round_target(8) == 4)
     assert uncapped.round_target(1) is None  # alone is not a group: no early start
     assert uncapped.widened_target(2, 3) == 3 and uncapped.widened_target(3, 2) == 3  # never narrower
     assert uncapped.widened_target(2, 0) is None and capped.widened_target(2, 0) == 4  # 0: the whole window
@@ -431,7 +434,9 @@ def test_malformed_payload_fails_the_attempt_without_corrupting_anyone(dhts: lis
 
 
 class DyingAllReduce(IdenticalAllReduce):
-    """Sends two chunks (on all its streams together), then stops its whole process group (process, DHT, averager, p2pd).
+    """Sends two chunks (on all its streams together), then stops its whole process group.
+
+    The group: the process, its DHT, its averager and p2pd.
 
     With SIGKILL its connections close at once; with SIGSTOP they stay open and silent,
     so the survivors can only notice through their timeouts.

@@ -25,7 +25,8 @@ def test_defaults_are_valid() -> None:
 
 
 def test_precedence_cli_over_env_over_file_over_defaults(tmp_path: Path) -> None:
-    file = write(tmp_path / "w.toml", "[train]\ninner_steps = 7\nbatch_size = 4\n[run]\nmax_epochs = 3\nrun_id = 'from-file'\n")
+    file = write(tmp_path / "w.toml",
+                 "[train]\ninner_steps = 7\nbatch_size = 4\n[run]\nmax_epochs = 3\nrun_id = 'from-file'\n")
     env = {"WORKER_INNER_STEPS": "9", "WORKER_MAX_EPOCHS": "5"}
     args = build_parser().parse_args(["start", "--inner-steps", "11"])
     cfg = load_config(file=file, environ=env, cli=_cli_values(args))
@@ -43,8 +44,9 @@ PEER2 = "/ip4/127.0.0.1/tcp/2/p2p/QmXyxPRM2sUCdJqTaEZzPnbGRYF6wM4BXJzD9jUz2excda
 def test_flag_names_follow_the_contract() -> None:
     args = build_parser().parse_args(
         ["start", "--run-dir", "r", "--run-id", "x", "--initial-peers", PEER, "--host-maddrs",
-         "/ip4/0.0.0.0/tcp/0", "--announce-maddrs", "/ip4/1.2.3.4/tcp/5", "--model", "tiny", "--dataset", "embedded",
-         "--inner-steps", "3", "--max-epochs", "2", "--device", "cpu", "--no-progress"]
+         "/ip4/0.0.0.0/tcp/0", "--announce-maddrs", "/ip4/1.2.3.4/tcp/5", "--model", "tiny",
+         "--dataset", "embedded", "--inner-steps", "3", "--max-epochs", "2", "--device", "cpu",
+         "--no-progress"]
     )
     cfg = load_config(environ={}, cli=_cli_values(args))
     assert cfg.run.run_dir == Path("r") and cfg.run.device == "cpu" and cfg.run.progress is False
@@ -73,7 +75,9 @@ def test_env_lists_and_bools() -> None:
         ("not toml at all [", {}, "is not valid TOML"),
     ],
 )
-def test_bad_values_are_refused_with_one_line(tmp_path: Path, toml: str, env: dict[str, str], expected: str) -> None:
+def test_bad_values_are_refused_with_one_line(
+    tmp_path: Path, toml: str, env: dict[str, str], expected: str
+) -> None:
     file = write(tmp_path / "w.toml", toml)
     with pytest.raises(ConfigError) as info:
         load_config(file=file, environ=env)
@@ -90,14 +94,17 @@ def test_error_names_where_the_value_came_from(tmp_path: Path) -> None:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "worker", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[1])})
 
 
 def test_cli_refuses_missing_config_file_without_traceback(tmp_path: Path) -> None:
     result = run_cli("start", "--config", str(tmp_path / "nope.toml"), cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: config error: config file {tmp_path / 'nope.toml'} does not exist"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: config error: config file {tmp_path / 'nope.toml'} does not exist"
+    ]
 
 
 def test_help_documents_every_option(tmp_path: Path) -> None:

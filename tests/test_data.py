@@ -11,7 +11,8 @@ import torch
 from worker.data import ByteTokenizer, DataError, PackedBatches, open_stream
 
 
-def stream(dataset: str = "embedded", *, key: str = "peer-a", seq_len: int = 64, batch: int = 4) -> PackedBatches:
+def stream(dataset: str = "embedded", *, key: str = "peer-a", seq_len: int = 64,
+           batch: int = 4) -> PackedBatches:
     return open_stream(dataset=dataset, dataset_config=None, text_field="text", tokenizer=ByteTokenizer(),
                        seq_len=seq_len, batch_size=batch, shard_key=key, seed=0)
 
@@ -122,6 +123,7 @@ def test_workers_read_disjoint_records_of_one_file_and_a_lone_worker_covers_it(t
     from worker.data import VIRTUAL_SHARDS, shard_offset
 
     keys = [f"peer-{i}" for i in range(50)]
-    a, b = next((x, y) for x in keys for y in keys if shard_offset(x, VIRTUAL_SHARDS) != shard_offset(y, VIRTUAL_SHARDS))
+    a, b = next((x, y) for x in keys for y in keys
+                if shard_offset(x, VIRTUAL_SHARDS) != shard_offset(y, VIRTUAL_SHARDS))
     assert not set(first(a, 50)) & set(first(b, 50))
     assert set(first(a, 400)) == {f"doc-{i}" for i in range(400)}  # one worker alone still sees everything

@@ -23,8 +23,8 @@ def test_join_address_is_not_loopback_when_another_exists() -> None:
 
 
 def record(peer: str, epoch: int, digest: str) -> ProgressRecord:
-    return ProgressRecord(peer_id=peer, epoch=epoch, inner_step=0, tokens_per_s=1.0, loss=2.0, param_sha256=digest,
-                          in_sync=True, time=get_dht_time(), maddrs=[])
+    return ProgressRecord(peer_id=peer, epoch=epoch, inner_step=0, tokens_per_s=1.0, loss=2.0,
+                          param_sha256=digest, in_sync=True, time=get_dht_time(), maddrs=[])
 
 
 def test_agreement_is_by_majority_of_the_same_epoch() -> None:
@@ -32,8 +32,10 @@ def test_agreement_is_by_majority_of_the_same_epoch() -> None:
     others = [record("p1", 3, a), record("p2", 3, a), record("p3", 4, b)]
     assert check_agreement(others, epoch=3, my_peer_id="me", my_hash=a).mine_agrees
     verdict = check_agreement(others, epoch=3, my_peer_id="me", my_hash=b)
-    assert not verdict.mine_agrees and verdict.majority_hash == a and verdict.votes == 2 and verdict.peers == 3
-    # A tie goes to the smallest hash, the same choice on every peer: one side repairs, the swarm converges.
+    assert (not verdict.mine_agrees and verdict.majority_hash == a and verdict.votes == 2
+            and verdict.peers == 3)
+    # A tie goes to the smallest hash, the same choice on every peer: one side repairs, the swarm
+    # converges.
     assert check_agreement([record("p1", 3, b)], epoch=3, my_peer_id="me", my_hash=a).mine_agrees
     assert not check_agreement([record("p1", 3, a)], epoch=3, my_peer_id="me", my_hash=b).mine_agrees
 
@@ -55,14 +57,17 @@ def test_the_swarm_vouches_only_for_what_a_majority_holds() -> None:
     # Peers behind the asker (a newcomer not yet caught up, a restart from an old checkpoint) do not vote:
     # a worker at 7 whose only groupmate went on to 8 alone follows it, whoever else is still at epoch 0.
     assert vouched_state([record("p1", 8, b), record("newcomer", 0, a)], since=7) == (8, b)
-    assert vouched_state([record("p1", 8, b), record("newcomer", 0, a)]) is None  # asked from epoch 0: no majority
+    # Asked from epoch 0: no majority.
+    assert vouched_state([record("p1", 8, b), record("newcomer", 0, a)]) is None
 
 
 def test_records_are_signed_and_cannot_be_overwritten_by_another_peer(tmp_path: Path) -> None:
-    key_a, key_b = load_or_create_record_key(tmp_path / "a.key"), load_or_create_record_key(tmp_path / "b.key")
+    key_a = load_or_create_record_key(tmp_path / "a.key")
+    key_b = load_or_create_record_key(tmp_path / "b.key")
     assert load_or_create_record_key(tmp_path / "a.key").to_bytes() == key_a.to_bytes()  # persisted
     dht_a = hivemind.DHT(start=True, record_validators=run_validators("run", key_a))
-    dht_b = hivemind.DHT(start=True, initial_peers=dht_a.get_visible_maddrs(), record_validators=run_validators("run", key_b))
+    dht_b = hivemind.DHT(start=True, initial_peers=dht_a.get_visible_maddrs(),
+                         record_validators=run_validators("run", key_b))
     try:
         signer_a, signer_b = RSASignatureValidator(key_a), RSASignatureValidator(key_b)
         board_a = SignedBoard(dht=dht_a, run_id="run", kind=PROGRESS, signer=signer_a)
@@ -70,8 +75,8 @@ def test_records_are_signed_and_cannot_be_overwritten_by_another_peer(tmp_path: 
         assert board_a.publish(record("peer-a", 1, "a" * 64))
         assert board_b.publish(record("peer-b", 1, "b" * 64))
         # b tries to write under a's subkey: the signature validator refuses it.
-        forged = dht_b.store(board_b.key, subkey=signer_a.local_public_key, value=record("peer-a", 9, "f" * 64).dict(),
-                             expiration_time=get_dht_time() + 30)
+        forged = dht_b.store(board_b.key, subkey=signer_a.local_public_key,
+                             value=record("peer-a", 9, "f" * 64).dict(), expiration_time=get_dht_time() + 30)
         assert not forged
         # A value of the wrong shape is refused by the schema.
         bad = dht_b.store(board_b.key, subkey=signer_b.local_public_key, value={"epoch": "nine"},
@@ -101,12 +106,13 @@ def test_a_withdrawn_offer_is_gone_from_the_dht_for_every_reader(tmp_path: Path)
 
     key_a = load_or_create_record_key(tmp_path / "a.key")
     dht_a = hivemind.DHT(start=True, record_validators=run_validators("run", key_a))
-    reader = hivemind.DHT(start=True, initial_peers=dht_a.get_visible_maddrs(), record_validators=run_validators("run"))
+    reader = hivemind.DHT(start=True, initial_peers=dht_a.get_visible_maddrs(),
+                          record_validators=run_validators("run"))
     try:
         offers = SignedBoard(dht=dht_a, run_id="run", kind=OFFERS, signer=RSASignatureValidator(key_a))
         progress = SignedBoard(dht=dht_a, run_id="run", kind=PROGRESS, signer=RSASignatureValidator(key_a))
-        offer = Offer(peer_id="peer-a", epoch=3, param_sha256="a" * 64, manifest_sha256="b" * 64, total_bytes=10,
-                      tcp=["127.0.0.1:5"], time=get_dht_time())
+        offer = Offer(peer_id="peer-a", epoch=3, param_sha256="a" * 64, manifest_sha256="b" * 64,
+                      total_bytes=10, tcp=["127.0.0.1:5"], time=get_dht_time())
         assert offers.publish(offer) and progress.publish(record("peer-a", 3, "a" * 64))
         seen = SignedBoard(dht=reader, run_id="run", kind=OFFERS)
         assert [o.manifest_sha256 for o in seen.read()] == ["b" * 64]

@@ -30,7 +30,8 @@ DOCKER = Path(__file__).resolve().parent.parent / "docker"
 def compose_schema() -> dict[str, Any]:
     # find_spec locates the package without importing it (its modules need dependencies we do not install).
     spec = importlib.util.find_spec("compose")
-    assert spec is not None and spec.submodule_search_locations, "make install adds docker-compose==1.29.2 (schema only)"
+    assert spec is not None and spec.submodule_search_locations, \
+        "make install adds docker-compose==1.29.2 (schema only)"
     path = Path(next(iter(spec.submodule_search_locations))) / "config" / "compose_spec.json"
     return json.loads(path.read_text())
 
@@ -98,5 +99,6 @@ def test_compose_services_join_the_bootstrap_by_service_name_and_keep_state_in_v
     [peer] = configs["worker"].swarm.initial_peers
     assert peer.startswith("/dns4/bootstrap/tcp/31337/p2p/") and "bootstrap" in services
     assert configs["bootstrap"].swarm.announce_maddrs == ["/dns4/bootstrap/tcp/31337"]
-    # Replicas share one volume, each in its own run dir: no two workers on one run dir (the lock would refuse).
+    # Replicas share one volume, each in its own run dir: no two workers on one run dir (the lock would
+    # refuse).
     assert "$$(hostname)" in " ".join(services["worker"]["command"])

@@ -36,13 +36,16 @@ def starts(run_dir: Path) -> int:
     behind logs them too)."""
     log = run_dir / "worker.log"
     text = log.read_text(errors="replace") if log.exists() else ""
-    return sum(1 for line in text.splitlines() if line.startswith("worker ") and " run '" in line and ": model " in line)
+    return sum(1 for line in text.splitlines()
+               if line.startswith("worker ") and " run '" in line and ": model " in line)
 
 
 @pytest.mark.slow
 def test_chaos_mode_restarts_workers_and_none_is_left_stuck(tmp_path: Path) -> None:
-    proc = subprocess.Popen(swarm_cmd(tmp_path, "--workers", "3", "--chaos", "6", "--", *FAST, "--max-epochs", "0"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(), cwd=ROOT)
+    proc = subprocess.Popen(swarm_cmd(tmp_path, "--workers", "3", "--chaos", "6", "--", *FAST,
+                                      "--max-epochs", "0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(),
+                            cwd=ROOT)
     try:
         base = tmp_path / "swarm"
         # Let chaos strike at least twice and the struck workers come back, then stop the whole swarm
@@ -68,14 +71,16 @@ def test_chaos_mode_restarts_workers_and_none_is_left_stuck(tmp_path: Path) -> N
 
 
 def test_bad_worker_options_are_refused_once(tmp_path: Path) -> None:
-    result = subprocess.run(swarm_cmd(tmp_path, "--workers", "2", "--", "--inner-steps", "0"), capture_output=True,
-                            text=True, timeout=120, env=worker_env(), cwd=ROOT)
-    assert result.returncode == 2 and "train.inner_steps" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(swarm_cmd(tmp_path, "--workers", "2", "--", "--inner-steps", "0"),
+                            capture_output=True, text=True, timeout=120, env=worker_env(), cwd=ROOT)
+    assert (result.returncode == 2 and "train.inner_steps" in result.stderr
+            and "Traceback" not in result.stderr)
     assert not (tmp_path / "swarm").exists()
 
 
 def test_a_swarm_run_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "swarm").write_text("not a run dir")
-    result = subprocess.run(swarm_cmd(tmp_path, "--workers", "2"), capture_output=True, text=True, timeout=120,
-                            env=worker_env(), cwd=ROOT)
-    assert result.returncode == 2 and "is a file, not a directory" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(swarm_cmd(tmp_path, "--workers", "2"), capture_output=True, text=True,
+                            timeout=120, env=worker_env(), cwd=ROOT)
+    assert (result.returncode == 2 and "is a file, not a directory" in result.stderr
+            and "Traceback" not in result.stderr)

@@ -27,8 +27,9 @@ def test_presets_have_their_documented_sizes() -> None:
     assert 150e6 < params_on_meta("150m") < 200e6
     assert 1.1e9 < params_on_meta("1b") < 1.4e9
     config = model_config("10b")
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            config.intermediate_size, config.vocab_size) == (4096, 42, 32, 8, 14336, 128256)
+    shape = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+             config.num_key_value_heads, config.intermediate_size, config.vocab_size)
+    assert shape == (4096, 42, 32, 8, 14336, 128256)
     assert 9.5e9 < params_on_meta("10b") < 10.5e9
 
 

@@ -1,4 +1,5 @@
-"""Two workers on separate hosts (network namespaces joined by a bridge) train together across real addresses."""
+"""Two workers on separate hosts (network namespaces joined by a bridge) train together across real
+addresses."""
 
 from __future__ import annotations
 
@@ -30,16 +31,18 @@ def start_in(host: netns.Host, run_dir: Path, *args: str) -> subprocess.Popen[st
     run_dir.mkdir(parents=True, exist_ok=True)
     log = open(run_dir / "worker.log", "w")  # noqa: SIM115 (the child process owns it)
     argv = [sys.executable, "-m", "worker", "start", "--run-dir", str(run_dir), "--host-maddrs",
-            f"/ip4/{host.address}/tcp/0", "--batch-size", "4", "--seq-len", "64", "--threads", "1", "--no-progress",
-            "--inner-steps", "5", "--matchmaking-time", "2", "--request-timeout", "1", "--averaging-timeout", "30",
-            "--min-peers", "2", "--max-epochs", "3", *args]
-    return subprocess.Popen(host.command(argv), stdout=log, stderr=subprocess.STDOUT, env=worker_env(), cwd=ROOT)
+            f"/ip4/{host.address}/tcp/0", "--batch-size", "4", "--seq-len", "64", "--threads", "1",
+            "--no-progress", "--inner-steps", "5", "--matchmaking-time", "2", "--request-timeout", "1",
+            "--averaging-timeout", "30", "--min-peers", "2", "--max-epochs", "3", *args]
+    return subprocess.Popen(host.command(argv), stdout=log, stderr=subprocess.STDOUT, env=worker_env(),
+                            cwd=ROOT)
 
 
 def test_two_hosts_average_across_real_addresses(tmp_path: Path, network: netns.Network, procs: list) -> None:
     a, b = network.hosts
     procs.append(start_in(a, tmp_path / "a"))
-    peer = wait_for(lambda: (tmp_path / "a" / "peer.json").exists() and json.loads((tmp_path / "a" / "peer.json").read_text()),
+    peer = wait_for(lambda: (tmp_path / "a" / "peer.json").exists()
+                    and json.loads((tmp_path / "a" / "peer.json").read_text()),
                     timeout=60, what="host a's peer.json")
     # The address host b dials is host a's address on the shared link, not loopback.
     entry = next(m for m in peer["maddrs"] if m.startswith(f"/ip4/{a.address}/"))

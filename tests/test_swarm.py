@@ -1,4 +1,7 @@
-"""Several real `worker` processes on loopback train one model: bitwise agreement, compression, a peer killed mid-round."""
+"""Several real `worker` processes on loopback train one model.
+
+Bitwise agreement, compression, a peer killed mid-round.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +17,13 @@ import torch
 from tests.helpers import events, start_worker, stop, wait_for
 
 # Short rounds and short timeouts keep a 3-worker test within tens of seconds on 2 cores.
-SWARM = ["--inner-steps", "8", "--matchmaking-time", "2", "--request-timeout", "1", "--averaging-timeout", "20", "--lr", "0.01"]
+SWARM = ["--inner-steps", "8", "--matchmaking-time", "2", "--request-timeout", "1",
+         "--averaging-timeout", "20", "--lr", "0.01"]
 
 
 def join_args(run_dir: Path) -> list[str]:
-    peer = wait_for(lambda: (run_dir / "peer.json").exists() and json.loads((run_dir / "peer.json").read_text()),
+    peer = wait_for(lambda: (run_dir / "peer.json").exists()
+                    and json.loads((run_dir / "peer.json").read_text()),
                     timeout=60, what=f"{run_dir.name}'s peer.json")
     return ["--initial-peers", peer["maddrs"][0]]
 
@@ -61,12 +66,12 @@ def test_three_workers_agree_bitwise(tmp_path: Path, procs: list, compression: s
     for proc in procs:
         assert proc.wait(timeout=240) == 0
     assert_agreement(dirs, epochs=epochs)
-    # The bootstrap worker trains from epoch 0; a worker whose DHT saw the others later may have caught up from
-    # their state first, so its own first losses are lower already: compare the swarm's end with the start.
-    # Over all the workers' last steps: each reads its own slice of the corpus, and one slice's bytes can be much
-    # harder than another's (seen: 4.10 on one worker against 2.96 on another after the same 4 rounds). And as a
-    # median, so that a slice that runs into an odd file at the end (a codec table sent a loss from 2.8 to 6.7
-    # for a few steps) does not decide it; an untrained model stays near ln 259 = 5.6.
+    # The bootstrap worker trains from epoch 0; a worker whose DHT saw the others later may have caught up
+    # from their state first, so its own first losses are lower already: compare the swarm's end with the
+    # start. Over all the workers' last steps: each reads its own slice of the corpus, and one slice's bytes
+    # can be much harder than another's (seen: 4.10 on one worker against 2.96 on another after the same 4
+    # rounds). And as a median, so that a slice that runs into an odd file at the end (a codec table sent a
+    # loss from 2.8 to 6.7 for a few steps) does not decide it; an untrained model stays near ln 259 = 5.6.
     start = sum(r["loss"] for r in events(dirs[0], "inner_step")[:8]) / 8
     end = statistics.median(r["loss"] for d in dirs for r in events(d, "inner_step")[-8:])
     assert end < start - 0.3, (start, end)
@@ -89,7 +94,8 @@ def test_survivors_finish_the_round_when_a_peer_is_killed_mid_round(tmp_path: Pa
     table = hashes_by_epoch(survivors)
     for epoch in (4, 5):  # the rounds after the kill: both survivors, same hash, averaged together
         assert len(set(table[epoch].values())) == 1, table[epoch]
-        assert all(r["group_size"] == 2 for d in survivors for r in events(d, "outer_step") if r["epoch"] == epoch)
+        assert all(r["group_size"] == 2
+                   for d in survivors for r in events(d, "outer_step") if r["epoch"] == epoch)
     for d in survivors:
         assert all(r["param_sha256"] and r["blocked_s"] < 60 for r in events(d, "outer_step"))
 
@@ -108,7 +114,8 @@ def test_two_workers_with_unit_outer_lr_equal_large_batch_sgd(tmp_path: Path, pr
     procs.append(start_worker(b, *args, *join_args(a)))
     for proc in procs:
         assert proc.wait(timeout=180) == 0
-    assert all(r["group_size"] == 2 for d in (a, b) for r in events(d, "outer_step")), "every round must be averaged"
+    assert all(r["group_size"] == 2 for d in (a, b) for r in events(d, "outer_step")), \
+        "every round must be averaged"
 
     from safetensors.torch import load_file
 
@@ -116,8 +123,9 @@ def test_two_workers_with_unit_outer_lr_equal_large_batch_sgd(tmp_path: Path, pr
     from worker.model import build_model
 
     streams = [
-        open_stream(dataset="embedded", dataset_config=None, text_field="text", tokenizer=ByteTokenizer(), seq_len=64,
-                    batch_size=4, shard_key=json.loads((d / "peer.json").read_text())["peer_id"], seed=0)
+        open_stream(dataset="embedded", dataset_config=None, text_field="text", tokenizer=ByteTokenizer(),
+                    seq_len=64, batch_size=4, shard_key=json.loads((d / "peer.json").read_text())["peer_id"],
+                    seed=0)
         for d in (a, b)
     ]
     model = build_model("tiny", seed=0, vocab_min=259)
@@ -125,7 +133,8 @@ def test_two_workers_with_unit_outer_lr_equal_large_batch_sgd(tmp_path: Path, pr
     for _ in range(steps):
         batch = torch.cat([s.next_batch() for s in streams])  # one batch of 8 = the two workers' batches of 4
         logits = model(input_ids=batch[:, :-1]).logits
-        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)).backward()
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                          batch[:, 1:].reshape(-1)).backward()
         opt.step()
         opt.zero_grad()
     for d in (a, b):
@@ -144,13 +153,15 @@ def test_status_lists_live_peers(tmp_path: Path, procs: list) -> None:
     procs.append(start_worker(run_dir, "--inner-steps", "5", "--max-epochs", "0"))
     wait_for(lambda: events(run_dir, "outer_step"), timeout=90, what="a first round")
     entry = join_args(run_dir)
-    result = subprocess.run([sys.executable, "-m", "worker", "status", *entry, "--run-id", "diloco-tiny", "--json",
-                             "--wait", "20"], capture_output=True, text=True, timeout=90, env=worker_env(), cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "worker", "status", *entry, "--run-id", "diloco-tiny",
+                             "--json", "--wait", "20"],
+                            capture_output=True, text=True, timeout=90, env=worker_env(), cwd=ROOT)
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     peer_id = json.loads((run_dir / "peer.json").read_text())["peer_id"]
     [row] = status["peers"]
-    assert row["peer_id"] == peer_id and row["epoch"] >= 1 and len(row["param_sha256"]) == 64 and row["in_sync"]
+    assert (row["peer_id"] == peer_id and row["epoch"] >= 1 and len(row["param_sha256"]) == 64
+            and row["in_sync"])
     table = subprocess.run([sys.executable, "-m", "worker", "status", *entry, "--run-id", "diloco-tiny"],
                            capture_output=True, text=True, timeout=90, env=worker_env(), cwd=ROOT)
     assert table.returncode == 0 and peer_id[:16] in table.stdout
@@ -171,7 +182,9 @@ def test_unreachable_initial_peer_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_peer_whose_params_disagree_detects_it_and_repairs_from_the_swarm(tmp_path: Path, procs: list) -> None:
+def test_a_peer_whose_params_disagree_detects_it_and_repairs_from_the_swarm(
+    tmp_path: Path, procs: list
+) -> None:
     from tests.helpers import worker_env
 
     dirs = [tmp_path / f"w{i}" for i in range(3)]

@@ -24,7 +24,8 @@ def test_trains_alone_and_writes_the_metrics_contract(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     peer = json.loads((run_dir / "peer.json").read_text())
     assert peer["peer_id"] and all("/p2p/" + peer["peer_id"] in m for m in peer["maddrs"])
-    assert "--initial-peers /ip4/127.0.0.1/tcp/" in result.stderr  # the printed join command is a real address
+    # The printed join command is a real address.
+    assert "--initial-peers /ip4/127.0.0.1/tcp/" in result.stderr
 
     inner = events(run_dir, "inner_step")
     assert len(inner) == 30
@@ -50,7 +51,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     # Same identity, so the same data shard: the only difference is the stop at epoch 2.
     resumed.mkdir()
     shutil.copy(straight / "identity.key", resumed / "identity.key")
-    # Its checkpoints written on the loop's thread, the straight run's in the background: the same state either way.
+    # Its checkpoints written on the loop's thread, the straight run's in the background: the same state
+    # either way.
     assert run_worker(resumed, *ROUND, "--max-epochs", "2", "--no-background-checkpoints").returncode == 0
     assert run_worker(resumed, *ROUND, "--max-epochs", "4").returncode == 0
     loaded = events(resumed, "state_loaded")
@@ -66,7 +68,8 @@ def test_sigterm_mid_round_saves_and_resumes_exactly(tmp_path: Path, procs: list
     shutil.copy(straight / "identity.key", resumed / "identity.key")
     proc = start_worker(resumed, *args)
     procs.append(proc)
-    wait_for(lambda: any(r["epoch"] == 1 and r["step"] >= 10 for r in events(resumed, "inner_step")), timeout=120, what="round 1")
+    wait_for(lambda: any(r["epoch"] == 1 and r["step"] >= 10 for r in events(resumed, "inner_step")),
+             timeout=120, what="round 1")
     assert stop(proc, signal.SIGTERM) == 0
     saved = events(resumed, "checkpoint_saved")[-1]
     assert saved["epoch"] == 1 and 0 < saved["inner_step"] < 100
@@ -138,7 +141,9 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path: Path, args: list[str], mess
 
 @pytest.mark.parametrize(("where", "message"), [("file", "is a file, not a directory"),
                                                 ("file/run", "cannot be created (Not a directory)")])
-def test_a_run_dir_that_cannot_be_used_is_one_line_and_nonzero(tmp_path: Path, where: str, message: str) -> None:
+def test_a_run_dir_that_cannot_be_used_is_one_line_and_nonzero(
+    tmp_path: Path, where: str, message: str
+) -> None:
     (tmp_path / "file").write_text("not a run dir")
     result = run_worker(tmp_path / "w", "--run-dir", str(tmp_path / where))  # the last --run-dir wins
     assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -151,8 +156,10 @@ def test_a_dataset_file_that_does_not_parse_is_one_line_and_nonzero(tmp_path: Pa
     bad.write_text('{"text": "fine"}\n{"text": \n')
     result = run_worker(tmp_path / "w", "--dataset", str(bad), "--max-epochs", "1")
     assert result.returncode == 2, result.stderr
-    assert f"cannot read dataset {str(bad)!r}" in result.stderr and "Traceback" not in result.stderr, result.stderr
-    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == result.stderr.splitlines()[-1:]
+    assert f"cannot read dataset {str(bad)!r}" in result.stderr and "Traceback" not in result.stderr, \
+        result.stderr
+    assert [line for line in result.stderr.splitlines()
+            if line.startswith("error:")] == result.stderr.splitlines()[-1:]
 
 
 def test_solo_outer_step_with_unit_lr_is_plain_sgd(tmp_path: Path) -> None:
@@ -160,9 +167,9 @@ def test_solo_outer_step_with_unit_lr_is_plain_sgd(tmp_path: Path) -> None:
     run_dir = tmp_path / "w"
     steps, lr = 4, 0.05
     result = run_worker(
-        run_dir, "--inner-steps", "1", "--max-epochs", str(steps), "--inner-optimizer", "sgd", "--lr", str(lr),
-        "--warmup-steps", "0", "--min-lr-ratio", "1", "--grad-clip", "0", "--outer-lr", "1", "--outer-momentum", "0",
-        "--no-nesterov",
+        run_dir, "--inner-steps", "1", "--max-epochs", str(steps), "--inner-optimizer", "sgd",
+        "--lr", str(lr), "--warmup-steps", "0", "--min-lr-ratio", "1", "--grad-clip", "0", "--outer-lr", "1",
+        "--outer-momentum", "0", "--no-nesterov",
     )
     assert result.returncode == 0, result.stderr
     from safetensors.torch import load_file
@@ -172,13 +179,14 @@ def test_solo_outer_step_with_unit_lr_is_plain_sgd(tmp_path: Path) -> None:
 
     peer_id = json.loads((run_dir / "peer.json").read_text())["peer_id"]
     model = build_model("tiny", seed=0, vocab_min=259)
-    stream = open_stream(dataset="embedded", dataset_config=None, text_field="text", tokenizer=ByteTokenizer(),
-                         seq_len=64, batch_size=4, shard_key=peer_id, seed=0)
+    stream = open_stream(dataset="embedded", dataset_config=None, text_field="text",
+                         tokenizer=ByteTokenizer(), seq_len=64, batch_size=4, shard_key=peer_id, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     for _ in range(steps):
         batch = stream.next_batch()
         logits = model(input_ids=batch[:, :-1]).logits
-        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)).backward()
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                          batch[:, 1:].reshape(-1)).backward()
         opt.step()
         opt.zero_grad()
     saved = load_file(str(run_dir / "checkpoints" / f"epoch-{steps:06d}" / "global.safetensors"))
@@ -186,7 +194,9 @@ def test_solo_outer_step_with_unit_lr_is_plain_sgd(tmp_path: Path) -> None:
         torch.testing.assert_close(saved[name], param.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_repeated_ctrl_c_stops_without_a_traceback_and_the_run_dir_resumes(tmp_path: Path, procs: list) -> None:
+def test_repeated_ctrl_c_stops_without_a_traceback_and_the_run_dir_resumes(
+    tmp_path: Path, procs: list
+) -> None:
     """An impatient user: SIGINT, then SIGINT again and again until the worker is gone. The second one
     forces the stop (no final save), a third during the cleanup exits at once; none may end in a
     traceback or leave a helper running, whichever phase it lands in."""

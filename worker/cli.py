@@ -28,20 +28,25 @@ EXIT_FAILURE = 1
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE.toml", type=Path, help="TOML file with [run], [model], [data], [train], [outer], [swarm] sections")
+    parser.add_argument("--config", metavar="FILE.toml", type=Path,
+                        help="TOML file with [run], [model], [data], [train], [outer], [swarm] sections")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for spec in field_specs():
         group = groups.setdefault(spec.section, parser.add_argument_group(f"[{spec.section}]"))
         help_text = f"{spec.help} (env {spec.env}; default: {_show_default(spec)})"
         dest = f"{spec.section}.{spec.name}"
         if is_bool_field(spec):
-            group.add_argument(f"--{spec.flag}", dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(f"--{spec.flag}", dest=dest, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
         elif is_list_field(spec):
-            group.add_argument(f"--{spec.flag}", dest=dest, nargs="+", action="extend", metavar="MADDR", default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(f"--{spec.flag}", dest=dest, nargs="+", action="extend", metavar="MADDR",
+                               default=argparse.SUPPRESS, help=help_text)
         else:
-            choices = typing.get_args(spec.annotation) if typing.get_origin(spec.annotation) is typing.Literal else None
+            choices = (typing.get_args(spec.annotation)
+                       if typing.get_origin(spec.annotation) is typing.Literal else None)
             metavar = "{" + ",".join(map(str, choices)) + "}" if choices else spec.name.upper()
-            group.add_argument(f"--{spec.flag}", dest=dest, metavar=metavar, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(f"--{spec.flag}", dest=dest, metavar=metavar, default=argparse.SUPPRESS,
+                               help=help_text)
 
 
 def _show_default(spec: FieldSpec) -> str:
@@ -63,35 +68,51 @@ def _cli_values(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="worker", description="Train one shared language model with peers across the internet (DiLoCo on hivemind).")
+    parser = argparse.ArgumentParser(
+        prog="worker",
+        description="Train one shared language model with peers across the internet (DiLoCo on hivemind).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    start = commands.add_parser("start", help="join (or start) a swarm and train", description="Join (or start) a swarm and train until --max-epochs or Ctrl-C.")
+    start = commands.add_parser("start", help="join (or start) a swarm and train",
+                                description="Join (or start) a swarm and train until --max-epochs or Ctrl-C.")
     _add_config_options(start)
-    start.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="verbosity of library logs (hivemind)")
+    start.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                       help="verbosity of library logs (hivemind)")
 
     swarm = commands.add_parser(
         "swarm", help="start a local swarm of workers on this machine with a live table",
-        description="Start a bootstrap worker and N-1 workers that join it on this machine, show one live table, "
-                    "stop them all on Ctrl-C. Arguments after -- go to every `worker start`.",
+        description="Start a bootstrap worker and N-1 workers that join it on this machine, "
+                    "show one live table, stop them all on Ctrl-C. Arguments after -- go to every "
+                    "`worker start`.",
     )
     swarm.add_argument("--workers", type=int, default=3, help="how many workers (default 3)")
-    swarm.add_argument("--run-dir", type=Path, default=Path("runs/swarm"), help="each worker gets RUN_DIR/<name>")
-    swarm.add_argument("--chaos", type=float, default=0.0, metavar="SECONDS", help="kill -9 and restart a random worker this often, choosing among those that have completed a round since their last start (0: off)")
-    swarm.add_argument("--late-joiner-after", type=int, default=0, metavar="EPOCHS", help="add one more worker once the swarm reaches this epoch (0: never)")
+    swarm.add_argument("--run-dir", type=Path, default=Path("runs/swarm"),
+                       help="each worker gets RUN_DIR/<name>")
+    swarm.add_argument("--chaos", type=float, default=0.0, metavar="SECONDS",
+                       help="kill -9 and restart a random worker this often, choosing among those that "
+                            "have completed a round since their last start (0: off)")
+    swarm.add_argument("--late-joiner-after", type=int, default=0, metavar="EPOCHS",
+                       help="add one more worker once the swarm reaches this epoch (0: never)")
     swarm.add_argument("--seed", type=int, default=0, help="seed of the chaos mode's choices")
-    swarm.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then options for every `worker start`")
+    swarm.add_argument("worker_args", nargs=argparse.REMAINDER,
+                       help="-- then options for every `worker start`")
 
-    status = commands.add_parser("status", help="list the live peers of a run", description="List the live peers of a run, read from their signed DHT records.")
-    status.add_argument("--initial-peers", nargs="+", action="extend", required=True, metavar="MADDR", help="multiaddr(s) of any peer of the swarm")
+    status = commands.add_parser(
+        "status", help="list the live peers of a run",
+        description="List the live peers of a run, read from their signed DHT records.")
+    status.add_argument("--initial-peers", nargs="+", action="extend", required=True, metavar="MADDR",
+                        help="multiaddr(s) of any peer of the swarm")
     status.add_argument("--run-id", default="diloco-tiny", help="the run to look at")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="keep looking this long for at least one live peer")
-    status.add_argument("--log-level", default="error", choices=["debug", "info", "warning", "error"], help="verbosity of library logs")
+    status.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="keep looking this long for at least one live peer")
+    status.add_argument("--log-level", default="error", choices=["debug", "info", "warning", "error"],
+                        help="verbosity of library logs")
     return parser
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # hivemind configures its own loggers; keep them at the asked level so the console stays readable.
     os.environ.setdefault("HIVEMIND_LOGLEVEL", level.upper())
     logging.getLogger("hivemind").setLevel(getattr(logging, level.upper()))
@@ -147,17 +168,19 @@ def _shut_down(worker: Worker, code: int) -> int:
         error_line(str(e))
         return code or EXIT_USAGE
     except KeyboardInterrupt:
-        # A second Ctrl-C in the final save, or as shutdown began: the save is skipped or abandoned (checkpoints
-        # are atomic). Run the cleanup to its end; the stop is now forced, so further signals are ignored.
+        # A second Ctrl-C in the final save, or as shutdown began: the save is skipped or abandoned
+        # (checkpoints are atomic). Run the cleanup to its end; the stop is now forced, so further
+        # signals are ignored.
         worker.shutdown()
-        error_line("interrupted: the final checkpoint may not have been saved; the newest complete one on disk stands")
+        error_line("interrupted: the final checkpoint may not have been saved; "
+                   "the newest complete one on disk stands")
         return code or 130
     return code
 
 
 # Short rounds and timeouts suit a swarm on one machine; anything after `--` overrides them.
-LOCAL_SWARM_DEFAULTS = ["--inner-steps", "20", "--batch-size", "8", "--seq-len", "128", "--matchmaking-time", "2",
-                        "--request-timeout", "1", "--averaging-timeout", "30"]
+LOCAL_SWARM_DEFAULTS = ["--inner-steps", "20", "--batch-size", "8", "--seq-len", "128",
+                        "--matchmaking-time", "2", "--request-timeout", "1", "--averaging-timeout", "30"]
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
@@ -177,8 +200,9 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     if problem:
         error_line(problem)
         return EXIT_USAGE
-    options = SwarmOptions(workers=args.workers, base_dir=args.run_dir, worker_args=[*LOCAL_SWARM_DEFAULTS, *extra],
-                           chaos_every=args.chaos, late_joiner_after=args.late_joiner_after, seed=args.seed)
+    options = SwarmOptions(workers=args.workers, base_dir=args.run_dir,
+                           worker_args=[*LOCAL_SWARM_DEFAULTS, *extra], chaos_every=args.chaos,
+                           late_joiner_after=args.late_joiner_after, seed=args.seed)
     return run_local_swarm(options)
 
 

@@ -60,7 +60,8 @@ class RunConfig(_Section):
     """How many checkpoints to keep in the run dir; older ones are pruned."""
 
     background_checkpoints: bool = True
-    """Write each epoch's checkpoint from a snapshot while training goes on (one more copy of the state in host memory); off: training waits for the disk."""
+    """Write each epoch's checkpoint from a snapshot while training goes on (one more copy of the
+    state in host memory); off: training waits for the disk."""
 
     threads: int = Field(0, ge=0)
     """torch CPU threads for this worker; 0 leaves torch's default."""
@@ -79,7 +80,8 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     dataset: str = "embedded"
-    """'embedded' (the Python standard library's sources), a Hugging Face dataset name, or local .txt/.jsonl/.parquet files or a directory of them."""
+    """'embedded' (the Python standard library's sources), a Hugging Face dataset name, or local
+    .txt/.jsonl/.parquet files or a directory of them."""
 
     dataset_config: str | None = None
     """Hugging Face dataset configuration name (e.g. sample-10BT for fineweb-edu)."""
@@ -189,10 +191,12 @@ class SwarmConfig(_Section):
             try:
                 protocols = [p.name for p in Multiaddr(value).protocols()]
             except Exception as e:  # multiaddr raises several unrelated types
-                raise ValueError(f"{value!r} is not a multiaddr (e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...): {e}") from None
+                raise ValueError(f"{value!r} is not a multiaddr "
+                                 f"(e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...): {e}") from None
             # libp2p dials a peer by its identity: an entry point without one fails deep in the daemon.
             if info.field_name == "initial_peers" and "p2p" not in protocols:
-                raise ValueError(f"{value!r} lacks the peer's /p2p/<peer id> part: copy the whole address a worker prints")
+                raise ValueError(f"{value!r} lacks the peer's /p2p/<peer id> part: "
+                                 "copy the whole address a worker prints")
         return values
 
 
@@ -280,7 +284,8 @@ def _describe_error(error: dict[str, Any], origins: dict[tuple[str, str], str]) 
         if len(loc) == 1:
             allowed = ", ".join(WorkerConfig.model_fields)
         else:
-            section_cls = WorkerConfig.model_fields[loc[0]].annotation if loc[0] in WorkerConfig.model_fields else None
+            section_cls = (WorkerConfig.model_fields[loc[0]].annotation
+                           if loc[0] in WorkerConfig.model_fields else None)
             allowed = ", ".join(section_cls.model_fields) if section_cls else ""
         message = f"unknown key (allowed: {allowed})"
     elif message.startswith("Value error, "):
@@ -317,7 +322,8 @@ def load_config(
         for section, values in loaded.items():
             if not isinstance(values, dict) or section not in WorkerConfig.model_fields:
                 allowed = ", ".join(f"[{name}]" for name in WorkerConfig.model_fields)
-                raise ConfigError(f"config error: {file}: unknown top-level key {section!r} (allowed sections: {allowed})")
+                raise ConfigError(f"config error: {file}: unknown top-level key {section!r} "
+                                  f"(allowed sections: {allowed})")
             data.setdefault(section, {}).update(values)
             for key in values:
                 origins[(section, key)] = str(file)

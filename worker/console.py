@@ -42,12 +42,14 @@ class RoundProgress:
             disable=not enabled,
             transient=False,
         )
-        self._task = self._progress.add_task("train", total=inner_steps, epoch=0, loss=float("nan"), tps=0.0, peers=1)
+        self._task = self._progress.add_task("train", total=inner_steps, epoch=0, loss=float("nan"), tps=0.0,
+                                             peers=1)
 
     def start(self) -> None:
         self._progress.start()
 
-    def update(self, *, epoch: int, step: int, loss: float | None = None, tps: float | None = None, peers: int | None = None) -> None:
+    def update(self, *, epoch: int, step: int, loss: float | None = None, tps: float | None = None,
+               peers: int | None = None) -> None:
         fields: dict[str, float | int] = {"epoch": epoch}
         if loss is not None:
             fields["loss"] = loss
@@ -62,14 +64,17 @@ class RoundProgress:
 
 
 class DownloadProgress:
-    """A bar for a state download: bytes, rate, time left. Use as a context manager; call it with (done, total)."""
+    """A bar for a state download: bytes, rate, time left.
+
+    Use as a context manager; call it with (done, total).
+    """
 
     def __init__(self, *, enabled: bool, description: str) -> None:
         from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
         self._progress = Progress(
-            TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-            console=console, disable=not enabled, transient=False,
+            TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
         )
         self._task = self._progress.add_task("download", total=None)
 

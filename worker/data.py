@@ -144,13 +144,15 @@ class HFSource:
         path = Path(name).expanduser()
         try:
             if path.exists():
-                files = sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_BUILDERS) if path.is_dir() else [path]
+                files = (sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_BUILDERS)
+                         if path.is_dir() else [path])
                 if not files:
                     raise DataError(f"dataset directory {path} holds no .txt, .jsonl or .parquet files")
                 suffixes = {p.suffix for p in files}
                 builders = {_LOCAL_BUILDERS.get(s) for s in suffixes}
                 if None in builders or len(builders) != 1:
-                    raise DataError(f"dataset {path}: use files of one kind: .txt, .jsonl or .parquet (found {sorted(suffixes)})")
+                    raise DataError(f"dataset {path}: use files of one kind: .txt, .jsonl or .parquet "
+                                    f"(found {sorted(suffixes)})")
                 builder = builders.pop()
                 extra = {"sample_by": "paragraph"} if builder == "text" else {}
                 dataset = datasets.load_dataset(
@@ -180,7 +182,8 @@ class HFSource:
     def _slice(self, data_pass: int) -> Any:
         from datasets.distributed import split_dataset_by_node
 
-        part = split_dataset_by_node(self._base, rank=(self._rank + data_pass) % VIRTUAL_SHARDS, world_size=VIRTUAL_SHARDS)
+        part = split_dataset_by_node(self._base, rank=(self._rank + data_pass) % VIRTUAL_SHARDS,
+                                     world_size=VIRTUAL_SHARDS)
         return part.shuffle(seed=self._seed, buffer_size=1000)
 
     def __iter__(self) -> Iterator[str]:
@@ -191,7 +194,8 @@ class HFSource:
                 empty = False
                 if self._text_field not in record:
                     raise DataError(
-                        f"dataset {self._name!r} has no field {self._text_field!r} (fields: {', '.join(record)}); set --text-field"
+                        f"dataset {self._name!r} has no field {self._text_field!r} "
+                        f"(fields: {', '.join(record)}); set --text-field"
                     )
                 yield str(record[self._text_field])
             # A slice of a tiny dataset may be empty; only a whole round of empty slices means no data.
@@ -235,7 +239,8 @@ class PackedBatches:
     already read but not yet used.
     """
 
-    def __init__(self, *, source: EmbeddedCorpus | HFSource, tokenizer: Tokenizer, seq_len: int, batch_size: int) -> None:
+    def __init__(self, *, source: EmbeddedCorpus | HFSource, tokenizer: Tokenizer, seq_len: int,
+                 batch_size: int) -> None:
         self._source = source
         self._tokenizer = tokenizer
         self._row = seq_len + 1
@@ -280,5 +285,6 @@ def open_stream(
     if dataset == "embedded":
         source = EmbeddedCorpus(seed=seed, shard_key=shard_key, split=split)
     else:
-        source = HFSource(name=dataset, config=dataset_config, text_field=text_field, shard_key=shard_key, seed=seed)
+        source = HFSource(name=dataset, config=dataset_config, text_field=text_field, shard_key=shard_key,
+                          seed=seed)
     return PackedBatches(source=source, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size)

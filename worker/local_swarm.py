@@ -69,7 +69,8 @@ class LocalSwarm:
         self.rng = random.Random(options.seed)
         self.stopping = False
         threads = max(1, (os.cpu_count() or 1) // max(1, options.workers))
-        self._common = ["--host-maddrs", f"/ip4/{options.host}/tcp/0", "--no-progress", "--threads", str(threads)]
+        self._common = ["--host-maddrs", f"/ip4/{options.host}/tcp/0", "--no-progress",
+                        "--threads", str(threads)]
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -86,7 +87,8 @@ class LocalSwarm:
     @staticmethod
     def rejoined(member: Member) -> bool:
         """Whether the member has completed a round since it was last (re)started."""
-        return any(r["time"] >= member.spawned_at for r in read_metrics(member.run_dir / "metrics.jsonl", "outer_step"))
+        return any(r["time"] >= member.spawned_at
+                   for r in read_metrics(member.run_dir / "metrics.jsonl", "outer_step"))
 
     def start(self) -> None:
         base = self.options.base_dir
@@ -101,24 +103,27 @@ class LocalSwarm:
             if self.stopping:
                 raise RuntimeError("stopped before the bootstrap worker came up")
             if first.proc is not None and first.proc.poll() is not None:
-                raise RuntimeError(f"the bootstrap worker exited with {first.proc.returncode}; see {first.run_dir / 'worker.log'}")
+                raise RuntimeError(f"the bootstrap worker exited with {first.proc.returncode}; "
+                                   f"see {first.run_dir / 'worker.log'}")
             if time.monotonic() > deadline:
                 raise RuntimeError("the bootstrap worker did not come up within 120 s")
             time.sleep(0.2)
         self.entry = ["--initial-peers", json.loads(peer_file.read_text())["maddrs"][0]]
         for i in range(1, self.options.workers):
-            member = Member(name=f"w{i}", run_dir=base / f"w{i}", extra=["--min-peers", str(self.options.workers)])
+            member = Member(name=f"w{i}", run_dir=base / f"w{i}",
+                            extra=["--min-peers", str(self.options.workers)])
             self.members.append(member)
             self._spawn(member)
 
     def add_late_joiner(self) -> Member:
-        member = Member(name=f"late{len(self.members)}", run_dir=self.options.base_dir / f"late{len(self.members)}")
+        member = Member(name=f"late{len(self.members)}",
+                        run_dir=self.options.base_dir / f"late{len(self.members)}")
         self.members.append(member)
         self._spawn(member)
         return member
 
     def chaos_kill_and_restart(self) -> Member | None:
-        """SIGKILL a random running worker (never the bootstrap, whose address the others dial) and restart it.
+        """SIGKILL a random running worker (never the bootstrap, whose address others dial) and restart it.
 
         Only the worker's main process is killed, as the OOM killer would: its restart must
         clear the helpers it left behind (worker/children.py) and resume from its checkpoint
@@ -127,7 +132,8 @@ class LocalSwarm:
         any worker would kill the same ones again before they came back, which tests nothing.
         Returns None, and strikes nobody, when there is no candidate yet.
         """
-        candidates = [m for m in self.members[1:] if m.proc is not None and m.proc.poll() is None and self.rejoined(m)]
+        candidates = [m for m in self.members[1:]
+                      if m.proc is not None and m.proc.poll() is None and self.rejoined(m)]
         if not candidates:
             return None
         victim = self.rng.choice(candidates)
@@ -171,7 +177,8 @@ class LocalSwarm:
             inner, outer = _last(records, "inner_step"), _last(records, "outer_step")
             code = m.proc.poll() if m.proc is not None else None
             rows.append({
-                "name": m.name, "state": m.state if code is None else f"exited {code}", "restarts": m.restarts,
+                "name": m.name, "state": m.state if code is None else f"exited {code}",
+                "restarts": m.restarts,
                 "epoch": outer["epoch"] if outer else 0, "step": inner["step"] if inner else 0,
                 "loss": inner["loss"] if inner else float("nan"),
                 "tokens_per_s": inner.get("tokens_per_s", 0.0) if inner else 0.0,
@@ -196,11 +203,14 @@ class LocalSwarm:
         epoch, agree = self.agreement(rows)
         table = Table(title=f"local swarm: {len(rows)} workers — hashes at epoch {epoch} agree: "
                             + ("[green]yes[/]" if agree else "[red]NO[/]"))
-        for column in ("worker", "state", "restarts", "epoch", "step", "loss", "tokens/s", "group", "param sha256"):
-            table.add_column(column, justify="left" if column in ("worker", "state", "param sha256") else "right")
+        for column in ("worker", "state", "restarts", "epoch", "step", "loss", "tokens/s", "group",
+                       "param sha256"):
+            table.add_column(column,
+                             justify="left" if column in ("worker", "state", "param sha256") else "right")
         for r in rows:
-            table.add_row(r["name"], r["state"], str(r["restarts"]), str(r["epoch"]), str(r["step"]), f"{r['loss']:.4f}",
-                          f"{r['tokens_per_s']:,.0f}", str(r["group_size"]), r["param_sha256"][:12])
+            table.add_row(r["name"], r["state"], str(r["restarts"]), str(r["epoch"]), str(r["step"]),
+                          f"{r['loss']:.4f}", f"{r['tokens_per_s']:,.0f}", str(r["group_size"]),
+                          r["param_sha256"][:12])
         return table
 
 

@@ -28,12 +28,14 @@ PRESETS: dict[str, dict[str, int | float | bool]] = {
     # 174M with tied embeddings (Llama-3 vocabulary makes half of it embeddings).
     "150m": dict(
         hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-        num_key_value_heads=4, vocab_size=LLAMA3_VOCAB, max_position_embeddings=2048, tie_word_embeddings=True,
+        num_key_value_heads=4, vocab_size=LLAMA3_VOCAB, max_position_embeddings=2048,
+        tie_word_embeddings=True,
     ),
     # Llama-3.2-1B's shape: 1.24B.
     "1b": dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=LLAMA3_VOCAB, max_position_embeddings=4096, tie_word_embeddings=True,
+        num_key_value_heads=8, vocab_size=LLAMA3_VOCAB, max_position_embeddings=4096,
+        tie_word_embeddings=True,
     ),
     # INTELLECT-1's shape: 10.2B.
     "10b": dict(
@@ -61,14 +63,16 @@ def model_config(preset: str) -> PretrainedConfig:
         except Exception as e:  # transformers raises many types for bad configs
             raise ModelError(f"cannot read model config in {path}: {one_line(e)}") from None
     allowed = ", ".join(PRESETS)
-    raise ModelError(f"unknown model {preset!r}: use one of {allowed} or a directory holding a Hugging Face config.json")
+    raise ModelError(f"unknown model {preset!r}: use one of {allowed} "
+                     "or a directory holding a Hugging Face config.json")
 
 
 def build_model(preset: str, *, seed: int, vocab_min: int) -> PreTrainedModel:
     """A freshly initialised causal LM; identical on every peer for the same seed."""
     config = model_config(preset)
     if config.vocab_size < vocab_min:
-        raise ModelError(f"model {preset!r} has a vocabulary of {config.vocab_size} but the tokenizer needs {vocab_min}")
+        raise ModelError(f"model {preset!r} has a vocabulary of {config.vocab_size} "
+                         f"but the tokenizer needs {vocab_min}")
     torch.manual_seed(seed)
     if isinstance(config, LlamaConfig):
         model = LlamaForCausalLM(config)

@@ -26,20 +26,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_inner_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_inner_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig,
+                         device: torch.device) -> torch.optim.Optimizer:
     if cfg.inner_optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr)
     # The fused kernel is the fastest AdamW on CUDA; on CPU the foreach path is.
     fused = device.type == "cuda"
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=fused, foreach=None if fused else True
+        params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=fused,
+        foreach=None if fused else True,
     )
 
 
 class InnerTrainer:
     """Runs inner steps of one model with one optimizer; knows nothing about peers."""
 
-    def __init__(self, *, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, compile_model: bool = False) -> None:
+    def __init__(self, *, model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                 compile_model: bool = False) -> None:
         self.model = model.to(device)
         self.cfg = cfg
         self.device = device
@@ -57,7 +60,10 @@ class InnerTrainer:
         return contextlib.nullcontext()
 
     def step(self, batch: torch.Tensor, *, want_loss: bool) -> float | None:
-        """One optimizer step on a [batch_size, seq_len + 1] block of tokens; returns the mean loss if asked."""
+        """One optimizer step on a [batch_size, seq_len + 1] block of tokens.
+
+        Returns the mean loss if asked (want_loss), else None.
+        """
         lr = lr_at(self.step_count, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -92,7 +98,8 @@ class InnerTrainer:
             for key, value in entry.items():
                 if isinstance(value, torch.Tensor):
                     tensors[f"{index}.{key}"] = value.detach().cpu()
-        groups = [{k: v for k, v in g.items() if isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
+        groups = [{k: v for k, v in g.items()
+                   if isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
                   for g in state["param_groups"]]
         return tensors, {"param_groups": groups, "kind": self.cfg.inner_optimizer}
 
@@ -111,8 +118,10 @@ class InnerTrainer:
             param = self.params[index]
             for key, value in entry.items():
                 if key != "step" and value.shape != param.shape:
-                    raise ValueError(f"inner optimizer state {index}.{key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
-        # torch's load_state_dict would also replace the param groups (lr, weight decay, fused...) with the
-        # saved ones: keep the current ones so that a changed flag takes effect on resume.
-        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+                    raise ValueError(f"inner optimizer state {index}.{key} has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(param.shape)}")
+        # torch's load_state_dict would also replace the param groups (lr, weight decay, fused...) with
+        # the saved ones: keep the current ones so that a changed flag takes effect on resume.
+        self.optimizer.load_state_dict({"state": state,
+                                        "param_groups": self.optimizer.state_dict()["param_groups"]})
         return True
