@@ -28,9 +28,6 @@ from checkpoints.lock import RunDirLock
 from checkpoints.state import TrainingState
 from checkpoints.store import CheckpointStore, LoadedCheckpoint
 
-# TEMPORARY, remove when worker/rounds.py imports them from checkpoints.transfer.
-from checkpoints.transfer import FetchResult, StateTransferError  # noqa: E402, I001
-
 __all__ = [
     "CHECKPOINT_PHASES",
     "NO_FAULTS",
@@ -44,6 +41,4 @@ __all__ = [
     "RunDirLockedError",
     "TrainingState",
     "param_sha256",
-    "FetchResult",  # temporary
-    "StateTransferError",  # temporary
 ]

@@ -12,7 +12,7 @@ Package map:
   function that names each round's ``Outcome``.
 - ``state_sync``: ``StateSync``, offering this worker's state and catching up with (or repairing
   from) the swarm's.
-- ``catchup``: ``StateExchange``, the network side of that: serve, announce, fetch.
+- ``exchange``: ``StateExchange``, the network side of that: serve, announce, fetch.
 - ``swarm``: ``SwarmView``, this worker's view of the progress board (waiting for a round's
   members, agreement, what the swarm vouches for).
 - ``persist``: ``DiskState``, what a checkpoint holds and how a start resumes from one.

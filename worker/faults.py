@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from checkpoints import CHECKPOINT_PHASES, param_sha256
+from checkpoints import CHECKPOINT_PHASES, NO_FAULTS, CheckpointFaults, param_sha256
 from worker.errors import WorkerError
 
 if TYPE_CHECKING:
-    from worker.catchup import SharedState
+    from worker.exchange import SharedState
 
 ENV_VAR = "DILOCO_FAULT"
 # How far ahead a forged offer claims to be.
@@ -107,7 +107,7 @@ class FaultPlan:
         return replace(state, epoch=state.epoch + FORGED_EPOCHS_AHEAD, params=params,
                        param_sha256=param_sha256(params))
 
-    def checkpoint_faults(self) -> CheckpointKill | None:
-        """The checkpoint store's seam, or None when the plan has no ``kill_checkpoint``."""
+    def checkpoint_faults(self) -> CheckpointFaults:
+        """The checkpoint store's seam: a no-op unless the plan has a ``kill_checkpoint``."""
         phases = [f.phase for f in self.faults if f.seam == "kill_checkpoint"]
-        return CheckpointKill(phases[0]) if phases else None
+        return CheckpointKill(phases[0]) if phases else NO_FAULTS

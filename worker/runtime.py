@@ -34,12 +34,12 @@ from checkpoints import (
 )
 from dht.board import load_or_create_record_key, run_validators
 from dht.node import SwarmError, SwarmNode
-from worker.catchup import StateExchange
 from worker.children import kill_descendants, reap_leftovers, record_children
 from worker.config import WorkerConfig
 from worker.console import RoundProgress, notice
 from worker.data import PackedBatches, Tokenizer, make_tokenizer, open_stream
 from worker.errors import WorkerError
+from worker.exchange import StateExchange
 from worker.faults import FaultPlan
 from worker.metrics import MetricsLog
 from worker.model import build_model, count_parameters, model_signature

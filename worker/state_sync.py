@@ -1,6 +1,6 @@
 """Keeping this worker's theta_g the swarm's: offer it when in sync, fetch the swarm's when behind or wrong.
 
-``StateSync`` is the worker's policy on top of the state exchange (``worker.catchup``, which
+``StateSync`` is the worker's policy on top of the state exchange (``worker.exchange``, which
 serves and fetches over the network): when to offer, which state to fetch (the one a majority
 of live peers vouch for), how to load it into the outer optimizer and the local model, and
 what a repair does when nobody offers the reference state.
@@ -13,12 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from averaging.outer import OuterOptimizer
-from checkpoints import FetchResult, StateTransferError, param_sha256
-from worker.catchup import SharedState, StateExchange, describe
+from checkpoints.transfer import FetchResult, StateTransferError
 from worker.console import DownloadProgress, notice
+from worker.exchange import SharedState, StateExchange, describe
 from worker.faults import FaultPlan
 from worker.metrics import MetricsLog
 from worker.round_state import RoundState
@@ -84,11 +82,7 @@ class StateSync:
                 break  # no donor delivered: the caller tries again later
             if result is None:
                 break
-            try:
-                self._load(result)
-            except StateTransferError as e:
-                self._fetch_failed(e)
-                continue  # refused: that snapshot is not fetched again, the next try takes another offer
+            self._load(result)
             fetched, avoid_hash = True, None
         return fetched
 
@@ -132,28 +126,10 @@ class StateSync:
         notice(f"[yellow]could not fetch the swarm's state: {error}[/]")
         self.metrics.emit("state_fetch_failed", epoch=self.state.epoch, reason=str(error))
 
-    def _problem(self, result: FetchResult, step: object) -> str | None:
-        """What is wrong with a fetched state, checked before anything is loaded; None when nothing."""
-        global_tensors = result.tensors["global"]
-        wrong = [n for n in self.names if global_tensors[n].dtype != torch.float32]
-        wrong += [n for n, t in result.tensors.get("outer", {}).items() if t.dtype != torch.float32]
-        if wrong:
-            return f"tensor {wrong[0]} is not float32"
-        if not (type(step) is int and step >= 0):
-            return f"global_step {step!r} is not a non-negative int"
-        digest = param_sha256({n: global_tensors[n] for n in self.names})
-        if digest != result.param_sha256:
-            return f"offered param_sha256 {result.param_sha256[:12]} but served {digest[:12]}"
-        return None
-
     def _load(self, result: FetchResult) -> None:
         global_tensors = result.tensors["global"]
+        # Verified by the fetch (shapes, float32, global_step, param_sha256 against the offer).
         step = result.meta.get("global_step", result.epoch * self.settings.inner_steps)
-        problem = self._problem(result, step)
-        if problem is not None:
-            # Not fetched again: the next try takes another offer.
-            self.exchange.refuse(result.manifest_sha256)
-            raise StateTransferError(f"donor(s) {', '.join(result.donors)}: {problem}; state refused")
         self.outer.load_params([global_tensors[n] for n in self.names])  # exact copies: the digest holds
         self.outer.load_state_tensors(dict(result.tensors.get("outer", {})))
         self.outer.copy_to(self.trainer.params)

@@ -1,8 +1,9 @@
-"""The worker's side of state sharing: offer its theta_g to newcomers, and catch up from the swarm.
+"""The network side of state sharing: serve and announce this worker's state, fetch the swarm's.
 
 Every in-sync worker serves an immutable snapshot of theta_g and the outer
 optimizer state (checkpoints.transfer.StateServer, plain TCP) and offers it in the DHT
-(dht.offers, signed). A worker that is behind (a newcomer, a restart from an old
+(dht.board, kind OFFERS, signed). When to offer and what to fetch is the worker's policy
+(worker.state_sync). A worker that is behind (a newcomer, a restart from an old
 checkpoint, a peer whose hash disagreed) fetches the newest state from every donor
 at once; the fetch verifies it (checkpoints.transfer.verify) before it is loaded.
 Only a newer epoch is ever fetched, so a stale peer cannot push an older state onto anyone.
@@ -25,11 +26,11 @@ from checkpoints.transfer import (
     FetchResult,
     StateServer,
     StateSnapshot,
-    StateTransferError,
     fetch_state,
     rank_offers,
 )
-from dht.offers import OFFER_TTL, Offer, publish_offer, read_offers, tcp_endpoints
+from dht.board import OFFERS, SignedBoard
+from dht.offers import OFFER_TTL, Offer, tcp_endpoints
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ class StateExchange:
         self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator,
         listen_host: str, maddrs: list[str], model_signature: str, max_streams: int = 8,
     ) -> None:
-        self.dht, self.run_id, self.peer_id, self.signer = dht, run_id, peer_id, signer
-        self.model_signature = model_signature
+        self.run_id, self.peer_id, self.model_signature = run_id, peer_id, model_signature
+        self.board = SignedBoard(dht=dht, run_id=run_id, kind=OFFERS, signer=signer)
         self.server = StateServer(host=listen_host, port=0, max_streams=max_streams)
         self._maddrs = maddrs
         self._endpoints: list[str] = []
@@ -94,19 +95,26 @@ class StateExchange:
             self._announce()
 
     def withdraw(self) -> None:
+        """Stop offering: the signed offer is replaced by an empty record in the DHT, not left to expire."""
+        if self._offer is None:
+            return
         self._offer = None
+        try:
+            self.board.withdraw(wait=False)
+        except Exception as e:  # a DHT hiccup must not stop training; the offer then expires by itself
+            logger.warning("could not withdraw the state offer: %s", e)
 
     def _announce(self) -> None:
         assert self._offer is not None
         self._offered_at = time.monotonic()
         try:
-            publish_offer(self.dht, run_id=self.run_id, signer=self.signer, offer=self._offer, wait=False)
+            self.board.publish(self._offer, wait=False)
         except Exception as e:  # a DHT hiccup must not stop training; the next refresh offers again
             logger.warning("could not publish the state offer: %s", e)
 
     def others(self) -> list[Offer]:
         try:
-            return [o for o in read_offers(self.dht, run_id=self.run_id) if o.peer_id != self.peer_id]
+            return [o for o in self.board.read() if o.peer_id != self.peer_id]
         except Exception as e:
             logger.warning("could not read state offers: %s", e)
             return []
@@ -139,11 +147,6 @@ class StateExchange:
                            refused=self._refused, timeout=timeout, progress=progress)
 
 
-def expected_shapes(params: dict[str, torch.Tensor], outer: dict[str, torch.Tensor]) -> Shapes:
-    return {"global": {n: tuple(t.shape) for n, t in params.items()},
-            "outer": {n: tuple(t.shape) for n, t in outer.items()}}
-
-
 def describe(result: FetchResult) -> dict[str, Any]:
     """The fields of a `state_loaded` event for a fetch from peers."""
     return {
@@ -155,4 +158,4 @@ def describe(result: FetchResult) -> dict[str, Any]:
     }
 
 
-__all__ = ["SharedState", "StateExchange", "StateTransferError", "describe", "expected_shapes"]
+__all__ = ["SharedState", "StateExchange", "describe"]
