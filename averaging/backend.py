@@ -20,11 +20,14 @@ What we replace:
   subclass could not talk to its base class; ours use a fixed protocol name;
 * the buffer lock is taken by polling: hivemind's ``enter_asynchronously`` takes it in
   an executor thread and leaks it if the attempt is cancelled meanwhile;
-* ``run``: sets up torch's intra-op thread pool once in the forked child, before any
-  thread could race to do it;
+* ``run``: binds the process to the worker's life (the DHT handle's lifeline, see
+  dht/lifeline.py) and sets up torch's intra-op thread pool once in the forked child,
+  before any thread could race to do it;
 * ``run_in_background``: hivemind sets SIGINT to "ignore" in the *calling* process
-  and never restores it (and fails outside the main thread); we restore it;
-* ``_shutdown``: hivemind's calls ``finalize`` on futures when a group is running.
+  and never restores it (and fails outside the main thread); with a lifeline SIGINT is
+  only blocked across the fork, without one we restore it;
+* ``_shutdown``: hivemind's calls ``finalize`` on futures when a group is running, and
+  raises (a traceback in the process's thread) when the p2p daemon is already gone.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ PROTOCOL = "SwarmAverager-v2"
 # After a failed attempt, wait this long before matchmaking again: avoids a hot loop when
 # matchmaking itself fails at once (e.g. a DHT hiccup).
 _RETRY_PAUSE_S = 0.2
+# Longest wait for the p2p daemon to drop our handlers at shutdown when no timeout is given (seconds).
+_HANDLER_REMOVAL_S = 2.0
 # Failure reasons kept per round (the last ones), for RoundResult.failures.
 _MAX_FAILURES_KEPT = 8
 
@@ -87,6 +92,7 @@ class RoundBackend(DecentralizedAverager):
     # these, whichever of DecentralizedAverager and this class collected first would serve both.
     _rpc_handlers = None
     _stub_type = None
+    _forked_from: Any = None  # set by the lifeline's forking() in the parent, read by the child
 
     @classmethod
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
@@ -134,21 +140,39 @@ class RoundBackend(DecentralizedAverager):
 
     def run(self) -> None:
         """The forked process's entry point (hivemind serves from a thread started here)."""
+        lifeline = self._lifeline()
+        if lifeline is not None:
+            lifeline.bind(self._forked_from)  # ignore SIGINT, and end when the worker is gone
         # torch replaces its intra-op thread pool in a forked child on first use, without a lock:
         # two executor threads doing it at once can find no pool at all ("pool INTERNAL ASSERT
         # FAILED at ParallelOpenMP.cpp", seen once from a codec call). Do it once, before any thread.
         torch.set_num_threads(torch.get_num_threads())
         super().run()
 
+    def _lifeline(self) -> Any:
+        """How helper processes are bound to the worker (dht.lifeline), from the DHT handle; None for a stock DHT.
+
+        The worker's DHT (dht.node.SwarmDHT) carries it, and the averager's process must go with the
+        worker as the DHT's does; averaging may not import dht, so the handle it is given says how.
+        """
+        return getattr(self.dht, "lifeline", None)
+
     def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
         """Start the process; it ignores SIGINT (the parent owns Ctrl-C and calls ``shutdown``)."""
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
-        try:
-            self.start()
-        finally:
-            if in_main_thread:
-                signal.signal(signal.SIGINT, previous)
+        lifeline = self._lifeline()
+        if lifeline is not None:
+            with lifeline.forking() as self._forked_from:  # SIGINT blocked across the fork, not ignored
+                self.start()
+        else:
+            # hivemind sets SIGINT to "ignore" in the calling process and never restores it (and fails
+            # outside the main thread); we restore it.
+            in_main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+            try:
+                self.start()
+            finally:
+                if in_main_thread:
+                    signal.signal(signal.SIGINT, previous)
         if await_ready:
             self.wait_until_ready(timeout)
 
@@ -407,7 +431,18 @@ class RoundBackend(DecentralizedAverager):
             else:
                 future.cancel()
         if not self.client_mode:
-            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+            await self._remove_handlers(timeout=_HANDLER_REMOVAL_S if timeout is None else timeout / 2)
+
+    async def _remove_handlers(self, *, timeout: float) -> None:
+        """Unregister our RPCs from the p2p daemon; nothing to do if it is gone or does not answer.
+
+        The daemon may have stopped first (killed, or its DHT process gone): its handlers went with it,
+        and this process is about to end. So a failure here is one line in the log, not a traceback.
+        """
+        try:
+            await asyncio.wait_for(self.remove_p2p_handlers(self._p2p, namespace=self.prefix), timeout)
+        except Exception as e:  # FileNotFoundError, ConnectionRefusedError, P2PDaemonError...: the daemon is gone
+            logger.debug(f"averager shutdown: could not remove its p2p handlers ({e!r}): the daemon is gone")
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
         # State sharing is off (checkpoints/ serves the state); never hand out our buffers.

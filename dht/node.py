@@ -2,11 +2,13 @@
 
 The DHT starts a child process (and the p2pd daemon): create it before CUDA is
 touched in the parent. It ignores SIGINT, so :meth:`SwarmNode.shutdown` must be
-called explicitly.
+called explicitly. Both end by themselves when the process that started them is
+gone (:class:`SwarmDHT`, dht/lifeline.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
@@ -16,7 +18,12 @@ from pathlib import Path
 
 import hivemind
 from hivemind.dht.validation import RecordValidatorBase
+from hivemind.utils import get_logger
 from hivemind.utils.multiaddr import Multiaddr
+
+from dht import lifeline
+
+logger = get_logger(__name__)
 
 
 class SwarmError(Exception):
@@ -42,6 +49,45 @@ def pick_join_address(maddrs: Sequence[Multiaddr], announced: Sequence[str]) -> 
     return ordered[0] if ordered else None
 
 
+class SwarmDHT(hivemind.DHT):
+    """hivemind's DHT process, bound to the process that starts it (see dht/lifeline.py).
+
+    It ignores SIGINT from its first instruction on, ends when its parent is gone, and its p2pd
+    daemon lives in a session of its own (no terminal Ctrl-C reaches it) and ends with it.
+    """
+
+    #: the binding, for the other helpers forked beside this DHT (the averager: averaging cannot import dht)
+    lifeline = lifeline
+    _forked_from: lifeline.ForkedFrom | None = None
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        """Fork the DHT process (hivemind's, with SIGINT blocked across the fork) and wait until it is ready."""
+        with lifeline.forking() as self._forked_from:
+            self.start()
+        if await_ready:
+            self.wait_until_ready(timeout)
+
+    def run(self) -> None:
+        """The forked process: bind it to its parent, then serve hivemind's DHT (p2pd spawned bound to it)."""
+        lifeline.bind(self._forked_from)
+        lifeline.p2pd_bound_to_this_process()  # hivemind's event loop, which spawns p2pd, runs on this thread
+        super().run()
+
+    async def _shutdown(self) -> None:
+        # hivemind's first unregisters the DHT's handlers from p2pd, then stops p2pd. With p2pd gone (it crashed,
+        # or was killed) the unregistering waits for an answer that never comes, until DHT.shutdown gives up after
+        # its grace period and logs a warning. So: skip it when p2pd is gone, and bound it when p2pd hangs.
+        p2p = self._node.p2p
+        daemon = getattr(p2p, "_child", None)  # hivemind's handle on p2pd: an asyncio subprocess
+        if daemon is None or daemon.returncode is None:
+            try:
+                await asyncio.wait_for(self._node.shutdown(), timeout=self.shutdown_timeout / 2)
+                return
+            except Exception as e:  # TimeoutError, or the daemon's socket is gone: p2pd is stopped below
+                logger.debug(f"DHT shutdown: p2pd did not answer ({e!r}); stopping it")
+        await p2p.shutdown()
+
+
 class SwarmNode:
     """One worker's membership in the DHT: identity on disk, start, addresses, shutdown."""
 
@@ -61,14 +107,14 @@ class SwarmNode:
         self.announce_maddrs = list(announce_maddrs)
         self.record_validators = list(record_validators)
         self.client_mode = client_mode
-        self.dht: hivemind.DHT | None = None
+        self.dht: SwarmDHT | None = None
 
-    def start(self, *, identity_retries: int = 3) -> hivemind.DHT:
+    def start(self, *, identity_retries: int = 3) -> SwarmDHT:
         """Start the DHT node; `identity_retries` covers a restart whose old p2p daemon the swarm still remembers."""
         self.identity_path.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(identity_retries + 1):
             try:
-                self.dht = hivemind.DHT(
+                self.dht = SwarmDHT(
                     initial_peers=self.initial_peers,
                     host_maddrs=self.host_maddrs,
                     announce_maddrs=self.announce_maddrs or None,
