@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from checkpoints import CHECKPOINT_PHASES, NO_FAULTS, CheckpointFaults, param_sha256
+from worker.console import notice
 from worker.errors import WorkerError
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ class FaultPlan:
         """Seam ``forge_offer``: the state to offer in place of `state`."""
         if not self.strikes("forge_offer", state.epoch):
             return state
+        notice(f"fault injected: offering a forged state for epoch {state.epoch + FORGED_EPOCHS_AHEAD}")
         params = {name: t + 1.0 for name, t in state.params.items()}
         return replace(state, epoch=state.epoch + FORGED_EPOCHS_AHEAD, params=params,
                        param_sha256=param_sha256(params))
