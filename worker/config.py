@@ -60,7 +60,7 @@ class RunConfig(_Section):
     """How many checkpoints to keep in the run dir; older ones are pruned."""
 
     background_checkpoints: bool = True
-    """Write each epoch's checkpoint from a snapshot while training goes on (one more copy of the
+    """Write each epoch's checkpoint from a copy of the state while training goes on (one more copy of the
     state in host memory); off: training waits for the disk."""
 
     threads: int = Field(0, ge=0)

@@ -170,7 +170,7 @@ class LocalSwarm:
 
     # -- the view ----------------------------------------------------------------------------
 
-    def snapshot(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[dict[str, Any]]:
         rows = []
         for m in self.members:
             records = read_metrics(m.run_dir / "metrics.jsonl")
@@ -199,7 +199,7 @@ class LocalSwarm:
         return common, len(hashes) == 1
 
     def table(self) -> Table:
-        rows = self.snapshot()
+        rows = self.rows()
         epoch, agree = self.agreement(rows)
         table = Table(title=f"local swarm: {len(rows)} workers — hashes at epoch {epoch} agree: "
                             + ("[green]yes[/]" if agree else "[red]NO[/]"))
@@ -244,7 +244,7 @@ def run_local_swarm(options: SwarmOptions, *, console: Console | None = None) ->
                         console.log(f"chaos: killed and restarted {victim.name}")
                         next_chaos = time.monotonic() + options.chaos_every
                 if not late_added:
-                    epoch, _ = swarm.agreement(swarm.snapshot())
+                    epoch, _ = swarm.agreement(swarm.rows())
                     if epoch >= options.late_joiner_after:
                         joiner = swarm.add_late_joiner()
                         console.log(f"late joiner {joiner.name} started at epoch {epoch}")
@@ -253,7 +253,7 @@ def run_local_swarm(options: SwarmOptions, *, console: Console | None = None) ->
             live.update(swarm.table())
     finally:
         swarm.stop()
-    rows = swarm.snapshot()
+    rows = swarm.rows()
     console.print(swarm.table())
     epoch, agree = swarm.agreement(rows)
     summary = {"workers": len(rows), "epoch": epoch, "hashes_agree": agree,
