@@ -173,10 +173,15 @@ class SwarmAverager:
         self._backend = backend
 
     def shutdown(self) -> None:
-        """Stop the background process. Safe to call twice or when never started."""
+        """Stop the background process. Safe to call twice, when never started, or when it is already gone."""
         backend, self._backend = self._backend, None
-        if backend is not None and backend.is_alive():
+        if backend is None or not backend.is_alive():
+            return
+        try:
             backend.shutdown()
+        except (ConnectionError, EOFError) as e:
+            # It died between is_alive() and the request (killed with its process group, say): nothing to stop.
+            logger.debug(f"averager process already gone at shutdown: {e!r}")
 
     def __enter__(self) -> SwarmAverager:
         self.start()

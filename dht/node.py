@@ -157,6 +157,12 @@ class SwarmNode:
         os.replace(tmp, path)
 
     def shutdown(self) -> None:
-        if self.dht is not None:
-            self.dht.shutdown()
-            self.dht = None
+        """Stop the DHT process (and its p2pd); safe to call twice, or when the process is already gone."""
+        dht, self.dht = self.dht, None
+        if dht is None:
+            return
+        try:
+            dht.shutdown()
+        except (ConnectionError, EOFError) as e:
+            # It died between hivemind's is_alive() and its request (killed, say); its p2pd went with it.
+            logger.debug(f"DHT process already gone at shutdown: {e!r}")
