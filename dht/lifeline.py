@@ -119,12 +119,6 @@ def _watch_parent(parent: int) -> None:
     os._exit(_EXIT_ORPHANED)
 
 
-def _p2pd_preexec() -> None:
-    # Between fork and exec, in the child: a session of its own (no terminal signal), and death with the DHT.
-    os.setsid()
-    _die_with_parent()
-
-
 def p2pd_bound_to_this_process() -> None:
     """In the DHT process: every p2pd hivemind spawns from now on is bound to it (see the module's docstring).
 
@@ -135,10 +129,18 @@ def p2pd_bound_to_this_process() -> None:
     original = asyncio.subprocess.create_subprocess_exec
     if getattr(original, "_binds_p2pd", False):
         return
+    spawner = os.getpid()
+
+    def die_with_spawner() -> None:
+        # Between fork and exec, in the child: as little as can be. Gone already? Then nobody would signal it.
+        _die_with_parent()
+        if os.getppid() != spawner:
+            os._exit(_EXIT_ORPHANED)
 
     async def create_subprocess_exec(program: Any, *args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
         if os.path.basename(str(program)) == "p2pd" and "preexec_fn" not in kwargs:
-            kwargs["preexec_fn"] = _p2pd_preexec
+            kwargs["preexec_fn"] = die_with_spawner
+            kwargs.setdefault("start_new_session", True)  # no terminal's signal: the DHT stops it in order
         return await original(program, *args, **kwargs)
 
     create_subprocess_exec._binds_p2pd = True  # type: ignore[attr-defined]
