@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import FAST, ROOT, events, kill_mentioning, run_worker, wait_for, worker_env
-from worker.children import children, descendants, start_time
+from worker.children import children, descendants, reap_leftovers, record_children, start_time
 
 # A line a user should never see on the console: a Python traceback, a Go or hivemind error line.
 _BAD = re.compile(r"Traceback|\[ERROR\]| ERROR ")
@@ -273,3 +273,23 @@ def test_helpers_stop_quietly_and_at_once_when_p2pd_is_already_gone(tmp_path: Pa
     out, err = capfd.readouterr()
     assert not _BAD.findall(out + err) and "grace period" not in err, err[-3000:]
     assert seconds < 2.0, seconds
+
+
+def test_the_next_start_clears_what_a_crashed_worker_left_running(tmp_path: Path) -> None:
+    """The backstop behind the lifeline (worker/children.py): recorded descendants still running are killed,
+    a recorded pid that now belongs to another process (another start time) is left alone."""
+    leftover, bystander = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
+    try:
+        path = tmp_path / "children.json"
+        record_children(path)
+        entries = [e for e in json.loads(path.read_text()) if e[0] in (leftover.pid, bystander.pid)]
+        assert sorted(entries) == sorted([[p.pid, start_time(p.pid)] for p in (leftover, bystander)])
+        # The bystander's pid as a reused one: recorded with a start time that is not its own.
+        path.write_text(json.dumps([[leftover.pid, start_time(leftover.pid)], [bystander.pid, 1]]))
+        assert reap_leftovers(path) == [leftover.pid]
+        assert leftover.wait(timeout=10) == -signal.SIGKILL and not path.exists()
+        assert bystander.poll() is None
+    finally:
+        for proc in (leftover, bystander):
+            proc.kill()
+            proc.wait()
