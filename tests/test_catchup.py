@@ -1,4 +1,5 @@
-"""Late joiners and restarts catch up from their peers: verified state, the very next round, never backwards."""
+"""Late joiners and restarts catch up from their peers: verified state, the very next round, never
+backwards."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def test_late_joiner_fetches_the_state_and_agrees_at_its_first_round(tmp_path: P
     assert first["group_size"] == 3  # ...together with both others...
     a_hashes = {r["epoch"]: r["param_sha256"] for r in events(a, "outer_step")}
     assert first["param_sha256"] == a_hashes[first["epoch"]]  # ...and ended it with the same theta_g
-    assert all(r["param_sha256"] == a_hashes[r["epoch"]] for r in events(late, "outer_step") if r["epoch"] in a_hashes)
+    late_rounds = [r for r in events(late, "outer_step") if r["epoch"] in a_hashes]
+    assert all(r["param_sha256"] == a_hashes[r["epoch"]] for r in late_rounds)
     assert not events(late, "desync")
 
 
@@ -57,7 +59,8 @@ def test_a_forged_offer_is_never_loaded(tmp_path: Path, procs: list) -> None:
     honest, forger, late = tmp_path / "honest", tmp_path / "forger", tmp_path / "late"
     # A signed, self-consistent offer of other parameters at a far-future epoch: the newest offer there is.
     entry = start_pair(honest, forger, procs, b_env=worker_env(DILOCO_FAULT="forge_offer@1+"))
-    wait_for(lambda: max(outer_epochs(honest), default=0) >= 2, timeout=180, what="the swarm to reach epoch 2")
+    wait_for(lambda: max(outer_epochs(honest), default=0) >= 2, timeout=180,
+             what="the swarm to reach epoch 2")
     procs.append(start_worker(late, *ENDLESS, *entry))
     wait_for(lambda: len(outer_epochs(late)) >= 2, timeout=180, what="the newcomer's first rounds")
     for proc in procs:
@@ -93,7 +96,8 @@ def test_restart_after_sigkill_comes_back_with_the_newest_state(tmp_path: Path, 
     killed_at = max(outer_epochs(b))
     wait_for(lambda: max(outer_epochs(a)) >= killed_at + 3, timeout=180, what="a to move on")
     procs.append(start_worker(b, *ENDLESS, *entry))
-    wait_for(lambda: len(events(b, "outer_step")) >= killed_at + 3, timeout=180, what="b to catch up and average again")
+    wait_for(lambda: len(events(b, "outer_step")) >= killed_at + 3, timeout=180,
+             what="b to catch up and average again")
     assert stop(procs[2]) == 0 and stop(procs[0]) == 0
     loaded = events(b, "state_loaded")
     # Its own checkpoint first, then the newer swarm state (again, if the swarm moved on during the download).
@@ -116,7 +120,8 @@ def test_a_stale_peer_cannot_move_the_swarm_backwards(tmp_path: Path, procs: lis
     a, b, stale = tmp_path / "a", tmp_path / "b", tmp_path / "stale"
     entry = start_pair(a, b, procs)
     wait_for(lambda: events(b, "checkpoint_saved"), timeout=180, what="b's first checkpoint")
-    # A copy of b's checkpoints at an early epoch, under a new identity: a stale peer restarted from an old state.
+    # A copy of b's checkpoints at an early epoch, under a new identity: a stale peer restarted from an old
+    # state.
     shutil.copytree(b / "checkpoints", stale / "checkpoints")
     shutil.copy(b / "run.json", stale / "run.json")
     wait_for(lambda: max(outer_epochs(a), default=0) >= 5, timeout=180, what="the swarm to reach epoch 5")
