@@ -181,11 +181,10 @@ MOMENTS: dict[str, Callable[[Path, Processes], subprocess.Popen[str]]] = {
 # The worker (worker/runtime.py) ignores SIGINT from just before it forks the DHT until its averager is up
 # (0.5-1 s from the fork on here): a Ctrl-C then is dropped and the worker trains on. The helpers need no such
 # thing any more (dht/lifeline.py); the fix is runtime.py's: install the handlers before the DHT starts.
-_DROPPED = pytest.mark.xfail(strict=True, reason="worker/runtime.py ignores SIGINT while its helpers start")
 
 
 @pytest.mark.parametrize("moment", [
-    pytest.param("dht-starting", marks=_DROPPED), "helpers-up", "inner", "outer",
+    "dht-starting", "helpers-up", "inner", "outer",
 ])
 def test_ctrl_c_in_a_terminal_stops_cleanly_and_resumes(tmp_path: Path, processes: Processes, moment: str) -> None:
     """SIGINT to the worker's whole process group: out within 30 s, nothing on the console but its own

@@ -223,17 +223,18 @@ def test_repeated_ctrl_c_stops_without_a_traceback_and_the_run_dir_resumes(
 
 
 def test_restart_after_sigkill_clears_leftovers_and_resumes(tmp_path: Path, procs: list) -> None:
-    """SIGKILL of the main process leaves the p2p daemon holding the identity; the restart must still work."""
+    """SIGKILL of the main process: its helpers (which held the identity) end with it, and a restart on the
+    same run dir resumes from its checkpoint."""
     run_dir = tmp_path / "w"
     proc = start_worker(run_dir, *ROUND, "--max-epochs", "0")
     procs.append(proc)
     wait_for(lambda: len(events(run_dir, "checkpoint_saved")) >= 2, timeout=120, what="two checkpoints")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    wait_for(lambda: not mentioning(str(run_dir)), timeout=10, what="the killed worker's helpers to end")
     saved = events(run_dir, "checkpoint_saved")[-1]["epoch"]
     result = run_worker(run_dir, *ROUND, "--max-epochs", str(saved + 1))
     assert result.returncode == 0, result.stderr
-    assert "left running by a crashed worker" in result.stderr
     loaded = events(run_dir, "state_loaded")[-1]
     assert loaded["source"] == "disk" and loaded["epoch"] >= saved
     assert events(run_dir, "outer_step")[-1]["epoch"] == saved + 1

@@ -15,11 +15,12 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.config import FieldSpec, field_specs, is_bool_field, is_list_field, load_config
-from worker.console import error_line
-from worker.errors import WorkerError
+# Only the standard library and worker.errors at import time: a Ctrl-C while the heavy modules load
+# (pydantic, torch, hivemind) lands inside main(), which reports it in one line.
+from worker.errors import WorkerError, error_line
 
 if TYPE_CHECKING:
+    from worker.config import FieldSpec
     from worker.runtime import Worker
 
 # Exit codes: 2 for a mistake in what the user asked, 1 for a failure while running.
@@ -28,6 +29,8 @@ EXIT_FAILURE = 1
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    from worker.config import field_specs, is_bool_field, is_list_field
+
     parser.add_argument("--config", metavar="FILE.toml", type=Path,
                         help="TOML file with [run], [model], [data], [train], [outer], [swarm] sections")
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -50,12 +53,16 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _show_default(spec: FieldSpec) -> str:
+    from worker.config import is_list_field
+
     if is_list_field(spec):
         return " ".join(spec.default) or "none"
     return str(spec.default)
 
 
 def _cli_values(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
+    from worker.config import field_specs, is_list_field
+
     values = {}
     for key, value in vars(args).items():
         if "." in key:
@@ -137,6 +144,7 @@ def _unusable_dir(path: Path) -> str | None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from worker.config import load_config
     from worker.runtime import Worker
 
     cfg = load_config(file=args.config, cli=_cli_values(args))
@@ -184,6 +192,7 @@ LOCAL_SWARM_DEFAULTS = ["--inner-steps", "20", "--batch-size", "8", "--seq-len",
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
+    from worker.config import load_config
     from worker.local_swarm import SwarmOptions, run_local_swarm
 
     if args.workers < 1:
@@ -215,6 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dht.board import PROGRESS, SignedBoard, run_validators
     from dht.node import SwarmError, SwarmNode
     from dht.status import render_json, render_table
+    from worker.config import load_config
 
     peers = [item for value in args.initial_peers for item in value.split(",") if item]
     cfg = load_config(environ={}, cli={("swarm", "initial_peers"): peers, ("run", "run_id"): args.run_id})
@@ -245,6 +255,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside the worker's own handling (loading, reporting an error)
+        error_line("interrupted")
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "log_level", "warning"))
@@ -258,9 +276,6 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerError as e:  # ConfigError among them
         error_line(str(e))
         return EXIT_USAGE
-    except KeyboardInterrupt:  # Ctrl-C outside the worker's own handling (e.g. while reporting an error)
-        error_line("interrupted")
-        return 130
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -19,11 +17,6 @@ def one_line(e: BaseException) -> str:
     """An exception as one line for an error message: its message's first line, else its type's name."""
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
-
-
-def error_line(message: str) -> None:
-    """A user mistake: one line, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 class RoundProgress:

@@ -162,7 +162,8 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 m.proc.kill()
                 m.proc.wait()
-        # Each worker leads its own process group: whatever a killed one left behind goes with it.
+        # Each worker leads its own process group, and its helpers end with it (dht.lifeline): this only
+        # catches a helper still on its way out.
         for m in self.members:
             if m.proc is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):

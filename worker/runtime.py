@@ -183,10 +183,10 @@ class Worker:
     def _join_swarm(self) -> hivemind.DHT:
         cfg = self.cfg
         record_key = load_or_create_record_key(self.run_dir / "record.key")
-        # Ctrl-C in a terminal reaches the whole process group: the p2p daemon and the averager must not die
-        # of it before this process has saved its checkpoint and shut them down in order. They inherit
-        # "ignore SIGINT" from here; this process installs its own handler once they are started.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Ctrl-C in a terminal reaches the whole process group. The helpers ignore it (dht.lifeline: this
+        # process saves its checkpoint and stops them in order) and p2pd runs in a session of its own, so
+        # from here on Ctrl-C means "save and stop" for this process alone.
+        self.install_signal_handlers()
         self.node = SwarmNode(
             identity_path=self.run_dir / "identity.key", initial_peers=cfg.swarm.initial_peers,
             host_maddrs=cfg.swarm.host_maddrs, announce_maddrs=cfg.swarm.announce_maddrs,
@@ -222,7 +222,6 @@ class Worker:
         self.saver = BackgroundSaver(store=self.store, on_saved=lambda st, path: self.disk.saved(st, path))
         self.saver.start()  # a thread: only once the DHT and the averager have forked
         self._resources.callback(self._stop_saver)
-        self.install_signal_handlers()  # children are up: from now on Ctrl-C means "save and stop"
         record_children(self.run_dir / "children.json")
         self.exchange = StateExchange(
             dht=dht, run_id=cfg.run.run_id, peer_id=self.peer_id, signer=self._signer, maddrs=self._maddrs,
