@@ -180,7 +180,7 @@ class SwarmAverager:
         try:
             backend.shutdown()
         except (ConnectionError, EOFError) as e:
-            # It died between is_alive() and the request (killed with its process group, say): nothing to stop.
+            # Died between is_alive() and the request (killed with its process group, say): nothing to stop.
             logger.debug(f"averager process already gone at shutdown: {e!r}")
 
     def __enter__(self) -> SwarmAverager:
@@ -219,32 +219,72 @@ class SwarmAverager:
           groupmates finished and moved on) and would only retry until the deadline
         :returns: what happened; ``group_size == 1`` means the tensors were not changed
         """
+        backend, input_flat, output_flat = self._started()
+        self._check_call(tensors, weight=weight, epoch=epoch)
+        started = time.monotonic()
+        if deadline <= get_dht_time():
+            return self._alone(started, "deadline already passed")
+        if not self._copy_in(backend, input_flat, tensors, deadline=deadline):
+            return self._alone(started, "buffers still busy with an earlier round")
+        ticket, target = self._ticket(epoch=epoch, state=state, weight=weight, expected_peers=expected_peers)
+        try:
+            step = backend.begin_round(ticket=ticket, key_prefix=round_key_prefix(self.run_id, epoch, state),
+                                       deadline=deadline, target_group_size=target)
+        except Exception as e:
+            logger.warning(f"could not start an averaging round: {e!r}")
+            return self._alone(started, f"could not start: {e!r}")
+        try:
+            stats = self._wait(step, deadline=deadline, give_up=give_up)
+        except BaseException as e:
+            # Whatever ends the wait (a failed round, a timeout, give_up, Ctrl-C), the background process
+            # must not go on with a round nobody waits for.
+            if not step.done():
+                step.cancel()
+            if not isinstance(e, Exception):
+                raise
+            logger.info(f"averaging round at epoch {epoch} ended alone: {e!r}")
+            return self._alone(started, repr(e))
+        return self._publish(backend, output_flat, tensors, stats)
+
+    def _started(self) -> tuple[RoundBackend, torch.Tensor, torch.Tensor]:
+        """The background process and the two shared buffers; RuntimeError before ``start``."""
         backend, input_flat, output_flat = self._backend, self._input, self._output
         if backend is None or input_flat is None or output_flat is None:
             raise RuntimeError("call start() first")
+        return backend, input_flat, output_flat
+
+    def _check_call(self, tensors: Sequence[torch.Tensor], *, weight: float, epoch: int) -> None:
+        """ValueError for tensors, a weight or an epoch that ``average`` cannot take."""
         self._check_tensors(tensors)
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
 
-        started = time.monotonic()
+    def _alone(self, started: float, reason: str) -> RoundResult:
+        """The result of a round that averaged nothing: the caller's tensors are untouched."""
+        return RoundResult(1, 0.0, time.monotonic() - started, 0, 0, [self.peer_id], [reason])
 
-        def alone(reason: str) -> RoundResult:
-            return RoundResult(1, 0.0, time.monotonic() - started, 0, 0, [self.peer_id], [reason])
-
-        if deadline <= get_dht_time():
-            return alone("deadline already passed")
+    def _copy_in(
+        self, backend: RoundBackend, input_flat: torch.Tensor, tensors: Sequence[torch.Tensor], *,
+        deadline: float,
+    ) -> bool:
+        """Copy ``tensors`` into the input buffer; False, copying nothing, if busy until ``deadline``."""
         # The lock is held by the background process during an attempt: an attempt that outlived
         # our wait in an earlier call still owns the buffers, so we skip this round rather than race it.
         if not backend.lock_averaged_tensors.acquire(timeout=max(0.0, deadline - get_dht_time())):
-            return alone("buffers still busy with an earlier round")
+            return False
         try:
             for view, tensor in zip(self._views(input_flat), tensors, strict=True):
                 view.copy_(tensor.detach())
         finally:
             backend.lock_averaged_tensors.release()
+        return True
 
+    def _ticket(
+        self, *, epoch: int, state: str, weight: float, expected_peers: int | None
+    ) -> tuple[RoundTicket, int | None]:
+        """This peer's ticket for its groupmates, and the group size to start at (None: the whole window)."""
         if expected_peers is not None and (not isinstance(expected_peers, int) or expected_peers < 1):
             raise ValueError(f"expected_peers must be a positive int or None, got {expected_peers!r}")
         target = self.settings.round_target(expected_peers)
@@ -258,27 +298,14 @@ class SwarmAverager:
             accepts_connections=not self._client_mode,
             group_target=target or 0,
         )
-        try:
-            step = backend.begin_round(
-                ticket=ticket,
-                key_prefix=round_key_prefix(self.run_id, epoch, state),
-                deadline=deadline,
-                target_group_size=target,
-            )
-        except Exception as e:
-            logger.warning(f"could not start an averaging round: {e!r}")
-            return alone(f"could not start: {e!r}")
-        try:
-            stats = self._wait(step, deadline=deadline, give_up=give_up)
-        except BaseException as e:
-            if not step.done():
-                step.cancel()
-            if not isinstance(e, Exception):
-                raise
-            logger.info(f"averaging round at epoch {epoch} ended alone: {e!r}")
-            return alone(repr(e))
+        return ticket, target
 
-        # Success: publish the output. The background process released the lock before reporting.
+    def _publish(
+        self, backend: RoundBackend, output_flat: torch.Tensor, tensors: Sequence[torch.Tensor],
+        stats: dict[str, Any],
+    ) -> RoundResult:
+        """Copy the averaged output into the caller's tensors, and say how the round went."""
+        # The background process released the lock before reporting success.
         with backend.lock_averaged_tensors:
             for view, tensor in zip(self._views(output_flat), tensors, strict=True):
                 tensor.copy_(view)
@@ -292,7 +319,9 @@ class SwarmAverager:
             failures=list(stats["failures"]),
         )
 
-    def _wait(self, step: StepControl, *, deadline: float, give_up: Callable[[], bool] | None) -> dict[str, Any]:
+    def _wait(
+        self, step: StepControl, *, deadline: float, give_up: Callable[[], bool] | None
+    ) -> dict[str, Any]:
         """The round's statistics; raises what the round raised, or TimeoutError / RoundAbandoned."""
         latest = deadline + self.settings.request_timeout + 1.0
         while True:
@@ -319,7 +348,8 @@ class SwarmAverager:
         for index, (tensor, shape) in enumerate(zip(tensors, self.shapes, strict=True)):
             if tuple(tensor.shape) != shape or tensor.dtype != torch.float32 or tensor.device.type != "cpu":
                 raise ValueError(
-                    f"tensor {index}: expected float32 CPU {shape}, got {tensor.dtype} {tensor.device} {tuple(tensor.shape)}"
+                    f"tensor {index}: expected float32 CPU {shape}, "
+                    f"got {tensor.dtype} {tensor.device} {tuple(tensor.shape)}"
                 )
             # A NaN would poison every member's average; it is the caller's bug, not the swarm's.
             if not all_finite(tensor):

@@ -38,6 +38,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 # typing's AsyncIterator, not collections.abc's: hivemind's ServicerBase reads the rpc_* annotations
 # and only recognizes typing.AsyncIterator[...] as a stream (otherwise the stub makes a unary call).
@@ -75,6 +76,20 @@ _MAX_FAILURES_KEPT = 8
 
 class RoundCancelled(AllreduceException):
     """The caller gave up on the round (its deadline passed on its side)."""
+
+
+@dataclass
+class _RoundProgress:
+    """What one round spent and why its attempts failed so far (reported with its result or its failure)."""
+
+    matchmaking_s: float = 0.0  # all matchmaking attempts, retry pauses included
+    attempts: int = 0  # failed attempts
+    failures: list[str] = field(default_factory=list)  # the last _MAX_FAILURES_KEPT reasons
+
+    def failed(self, reason: str) -> None:
+        self.attempts += 1
+        self.failures.append(reason[:500])
+        del self.failures[:-_MAX_FAILURES_KEPT]
 
 
 class RoundBackend(DecentralizedAverager):
@@ -150,7 +165,8 @@ class RoundBackend(DecentralizedAverager):
         super().run()
 
     def _lifeline(self) -> Any:
-        """How helper processes are bound to the worker (dht.lifeline), from the DHT handle; None for a stock DHT.
+        """How helper processes are bound to the worker (dht.lifeline), from the DHT handle; None for a
+        stock DHT.
 
         The worker's DHT (dht.node.SwarmDHT) carries it, and the averager's process must go with the
         worker as the DHT's does; averaging may not import dht, so the handle it is given says how.
@@ -221,9 +237,7 @@ class RoundBackend(DecentralizedAverager):
         cancel: MPFuture[None] = MPFuture()
         step.attach(trigger, cancel)
         future_for_init.set_result((trigger, cancel))
-        matchmaking_s = 0.0
-        attempts = 0
-        failures: list[str] = []
+        progress = _RoundProgress()
         try:
             if self._round_lock is None:
                 self._round_lock = asyncio.Lock()
@@ -234,52 +248,68 @@ class RoundBackend(DecentralizedAverager):
                 self._matchmaking.target_group_size = target_group_size
                 self._round_ticket = ticket  # read by rpc_join_group while this round looks for a group
                 try:
-                    while not step.done():
-                        if get_dht_time() >= step.deadline:
-                            raise AllreduceException(f"deadline passed after {attempts} failed attempts")
-                        started = time.monotonic()
-                        try:
-                            group_info = await self._look_for_group(step)
-                        except RoundCancelled:
-                            raise
-                        except Exception as e:
-                            attempts += 1
-                            failures.append(f"matchmaking: {e!r}"[:500])
-                            del failures[:-_MAX_FAILURES_KEPT]
-                            await asyncio.sleep(_RETRY_PAUSE_S)
-                            continue
-                        finally:
-                            matchmaking_s += time.monotonic() - started
-                        if group_info is None:
-                            raise AllreduceException(
-                                f"no group formed before the deadline ({attempts} failed attempts)"
-                            )
-                        try:
-                            with self._group_registered(group_info):
-                                step.stage = AveragingStage.RUNNING_ALLREDUCE
-                                budget = min(self.settings.allreduce_timeout, step.deadline - get_dht_time())
-                                stats = await asyncio.wait_for(
-                                    self._allreduce(group_info, ticket), timeout=budget
-                                )
-                            stats.update(matchmaking_s=matchmaking_s, failures=failures)
-                            step.set_result(stats)
-                        except Exception as e:
-                            attempts += 1
-                            failures.append(f"group of {group_info.group_size}: {e!r}"[:500])
-                            del failures[:-_MAX_FAILURES_KEPT]
-                            logger.info(f"averaging attempt in a group of {group_info.group_size} failed: {e!r}")
-                            await asyncio.sleep(_RETRY_PAUSE_S)
+                    await self._attempt_until_done(step, ticket, progress)
                 finally:
                     self._round_ticket = None
         except Exception as e:
             if not step.done():
-                step.set_exception(AllreduceException(" / ".join([str(e), *failures[-2:]])[:2000]))
+                step.set_exception(AllreduceException(" / ".join([str(e), *progress.failures[-2:]])[:2000]))
         except BaseException as e:
             if not step.done():
                 step.set_exception(AllreduceException(f"round interrupted: {e!r}"))
             raise
         finally:
             step.stage = AveragingStage.FINISHED
+
+    async def _attempt_until_done(
+        self, step: StepControl, ticket: RoundTicket, progress: _RoundProgress
+    ) -> None:
+        """Look for a group and average in it, again after each failure, until done or past the deadline."""
+        while not step.done():
+            if get_dht_time() >= step.deadline:
+                raise AllreduceException(f"deadline passed after {progress.attempts} failed attempts")
+            group_info = await self._find_group(step, progress)
+            if group_info is not None:
+                await self._attempt(step, group_info, ticket, progress)
+
+    async def _find_group(self, step: StepControl, progress: _RoundProgress) -> GroupInfo | None:
+        """A group for the next attempt; None after a failed matchmaking (the caller retries).
+
+        Raises when no group can form before the deadline, or when the caller cancelled the round.
+        """
+        started = time.monotonic()
+        try:
+            group_info = await self._look_for_group(step)
+        except RoundCancelled:
+            raise
+        except Exception as e:
+            progress.failed(f"matchmaking: {e!r}")
+            await asyncio.sleep(_RETRY_PAUSE_S)
+            return None
+        finally:
+            # After the retry pause: the pause counts as time spent looking for a group.
+            progress.matchmaking_s += time.monotonic() - started
+        if group_info is None:
+            raise AllreduceException(
+                f"no group formed before the deadline ({progress.attempts} failed attempts)"
+            )
+        return group_info
+
+    async def _attempt(
+        self, step: StepControl, group_info: GroupInfo, ticket: RoundTicket, progress: _RoundProgress
+    ) -> None:
+        """One all-reduce in ``group_info``: the round's result on success, a recorded failure otherwise."""
+        try:
+            with self._group_registered(group_info):
+                step.stage = AveragingStage.RUNNING_ALLREDUCE
+                budget = min(self.settings.allreduce_timeout, step.deadline - get_dht_time())
+                stats = await asyncio.wait_for(self._allreduce(group_info, ticket), timeout=budget)
+            stats.update(matchmaking_s=progress.matchmaking_s, failures=progress.failures)
+            step.set_result(stats)
+        except Exception as e:
+            progress.failed(f"group of {group_info.group_size}: {e!r}")
+            logger.info(f"averaging attempt in a group of {group_info.group_size} failed: {e!r}")
+            await asyncio.sleep(_RETRY_PAUSE_S)
 
     async def _look_for_group(self, step: StepControl) -> GroupInfo | None:
         """hivemind's matchmaking, abandoned if the parent cancels the round."""
@@ -319,7 +349,8 @@ class RoundBackend(DecentralizedAverager):
         tickets = [RoundTicket.from_bytes(data) for data in group_info.gathered]
         check_group(tickets, ticket)  # every member takes the same decision from the same tickets
         partition = Partition.build(
-            self.total_numel, [int(t.accepts_connections) for t in tickets], chunk_numel=self.settings.chunk_numel
+            self.total_numel, [int(t.accepts_connections) for t in tickets],
+            chunk_numel=self.settings.chunk_numel,
         )
         async with self._buffers_locked(timeout=self.settings.next_chunk_timeout):
             input_flat, output_flat = self._averaged_tensors
@@ -400,7 +431,9 @@ class RoundBackend(DecentralizedAverager):
             return  # refused later by check_group, with everyone else
         if (theirs.run_id, theirs.epoch, theirs.state) != (mine.run_id, mine.epoch, mine.state):
             return  # another round's peer: hivemind refuses it (BAD_GROUP_KEY)
-        matchmaking.target_group_size = self.settings.widened_target(matchmaking.target_group_size, theirs.group_target)
+        matchmaking.target_group_size = self.settings.widened_target(
+            matchmaking.target_group_size, theirs.group_target
+        )
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
@@ -441,7 +474,8 @@ class RoundBackend(DecentralizedAverager):
         """
         try:
             await asyncio.wait_for(self.remove_p2p_handlers(self._p2p, namespace=self.prefix), timeout)
-        except Exception as e:  # FileNotFoundError, ConnectionRefusedError, P2PDaemonError...: the daemon is gone
+        except Exception as e:
+            # FileNotFoundError, ConnectionRefusedError, P2PDaemonError...: the daemon is gone
             logger.debug(f"averager shutdown: could not remove its p2p handlers ({e!r}): the daemon is gone")
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:

@@ -86,7 +86,9 @@ def forking() -> Iterator[ForkedFrom]:
     if can_block:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        yield ForkedFrom(parent_pid=os.getpid(), main_thread=threading.current_thread() is threading.main_thread())
+        yield ForkedFrom(
+            parent_pid=os.getpid(), main_thread=threading.current_thread() is threading.main_thread()
+        )
     finally:
         if can_block:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

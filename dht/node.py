@@ -61,7 +61,7 @@ class SwarmDHT(hivemind.DHT):
     _forked_from: lifeline.ForkedFrom | None = None
 
     def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
-        """Fork the DHT process (hivemind's, with SIGINT blocked across the fork) and wait until it is ready."""
+        """Fork the DHT process (hivemind's, with SIGINT blocked across the fork); wait until it is ready."""
         with lifeline.forking() as self._forked_from:
             self.start()
         if await_ready:
@@ -74,9 +74,10 @@ class SwarmDHT(hivemind.DHT):
         super().run()
 
     async def _shutdown(self) -> None:
-        # hivemind's first unregisters the DHT's handlers from p2pd, then stops p2pd. With p2pd gone (it crashed,
-        # or was killed) the unregistering waits for an answer that never comes, until DHT.shutdown gives up after
-        # its grace period and logs a warning. So: skip it when p2pd is gone, and bound it when p2pd hangs.
+        # hivemind's first unregisters the DHT's handlers from p2pd, then stops p2pd. With p2pd gone (it
+        # crashed, or was killed) the unregistering waits for an answer that never comes, until DHT.shutdown
+        # gives up after its grace period and logs a warning. So: skip it when p2pd is gone, and bound it
+        # when p2pd hangs.
         p2p = self._node.p2p
         daemon = getattr(p2p, "_child", None)  # hivemind's handle on p2pd: an asyncio subprocess
         if daemon is None or daemon.returncode is None:
@@ -110,7 +111,10 @@ class SwarmNode:
         self.dht: SwarmDHT | None = None
 
     def start(self, *, identity_retries: int = 3) -> SwarmDHT:
-        """Start the DHT node; `identity_retries` covers a restart whose old p2p daemon the swarm still remembers."""
+        """Start the DHT node.
+
+        `identity_retries` covers a restart whose old p2p daemon the swarm still remembers.
+        """
         self.identity_path.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(identity_retries + 1):
             try:
@@ -134,7 +138,9 @@ class SwarmNode:
                     raise SwarmError(
                         f"could not join the swarm through {', '.join(self.initial_peers)}: {reason}"
                     ) from None
-                raise SwarmError(f"could not start the DHT node on {', '.join(self.host_maddrs)}: {reason}") from None
+                raise SwarmError(
+                    f"could not start the DHT node on {', '.join(self.host_maddrs)}: {reason}"
+                ) from None
         raise AssertionError("unreachable")
 
     @property
@@ -150,7 +156,7 @@ class SwarmNode:
         return pick_join_address(self.visible_maddrs(), self.announce_maddrs)
 
     def write_peer_file(self, path: Path) -> None:
-        """peer.json: {"peer_id": ..., "maddrs": [...]}, written atomically so scripts never read half of it."""
+        """peer.json: {"peer_id": ..., "maddrs": [...]}, written atomically: scripts never read half of it."""
         maddrs = [str(m) for m in self.visible_maddrs()]
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"peer_id": self.peer_id, "maddrs": maddrs}) + "\n")

@@ -47,7 +47,8 @@ class Processes:
         with open(run_dir / "console.log", "a") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "worker", "start", "--run-dir", str(run_dir), *FAST, *args],
-                stdout=log, stderr=subprocess.STDOUT, text=True, env=worker_env(), cwd=ROOT, start_new_session=True,
+                stdout=log, stderr=subprocess.STDOUT, text=True, env=worker_env(), cwd=ROOT,
+                start_new_session=True,
             )
         self.workers.append(proc)
         return proc
@@ -130,14 +131,15 @@ def is_p2pd(pid: int) -> bool:
 
 
 def is_forked_helper(pid: int) -> bool:
-    """The DHT or averager process of a worker: a fork of `python -m worker start` (torch_shm_manager is not)."""
+    """The DHT or averager process of a worker: a fork of `python -m worker start` (not torch_shm_manager)."""
     return _argv(pid)[1:3] == [b"-m", b"worker"]
 
 
 # -- Ctrl-C at several moments -------------------------------------------------------------------
 # Each returns the worker to interrupt, once it is at that moment.
 
-STARTUP = [*ROUND, "--inner-steps", "5", "--max-epochs", "1"]  # a worker that ignores the stop ends soon anyway
+# A worker that ignores the stop ends soon anyway.
+STARTUP = [*ROUND, "--inner-steps", "5", "--max-epochs", "1"]
 
 
 def _dht_starting(run_dir: Path, processes: Processes) -> subprocess.Popen[str]:
@@ -169,7 +171,8 @@ def _outer(run_dir: Path, processes: Processes) -> subprocess.Popen[str]:
     # looks for it (on the board, then in matchmaking) for several seconds.
     assert second.wait(timeout=120) == 0, console(second_dir)[-3000:]
     assert [r["group_size"] for r in events(second_dir, "outer_step")] == [2]
-    wait_for(lambda: inner_steps(run_dir, epoch=1, step=40), timeout=60, what="the end of round 1's inner phase")
+    wait_for(lambda: inner_steps(run_dir, epoch=1, step=40), timeout=60,
+             what="the end of round 1's inner phase")
     time.sleep(1.0)  # well inside the outer step
     assert not events(run_dir, "outer_step")[1:], "round 1 ended before the stop"
     return first
@@ -186,7 +189,9 @@ MOMENTS: dict[str, Callable[[Path, Processes], subprocess.Popen[str]]] = {
 @pytest.mark.parametrize("moment", [
     "dht-starting", "helpers-up", "inner", "outer",
 ])
-def test_ctrl_c_in_a_terminal_stops_cleanly_and_resumes(tmp_path: Path, processes: Processes, moment: str) -> None:
+def test_ctrl_c_in_a_terminal_stops_cleanly_and_resumes(
+    tmp_path: Path, processes: Processes, moment: str
+) -> None:
     """SIGINT to the worker's whole process group: out within 30 s, nothing on the console but its own
     lines, every helper gone, and a checkpoint the next start resumes from (none when nothing was trained)."""
     run_dir = tmp_path / "w"
@@ -197,7 +202,7 @@ def test_ctrl_c_in_a_terminal_stops_cleanly_and_resumes(tmp_path: Path, processe
     gone_within(tree, timeout=10)  # the DHT, its p2pd and the averager were stopped with the worker
     saved = events(run_dir, "checkpoint_saved")
     if moment in ("dht-starting", "helpers-up"):
-        # Nothing was trained: the stop came before the first step; a checkpoint, if any, is the initial state.
+        # Nothing was trained: the stop came before the first step; any checkpoint is the initial state.
         assert not events(run_dir, "inner_step"), "trained on after Ctrl-C"
         assert all((r["epoch"], r["inner_step"]) == (0, 0) for r in saved), saved
         return
@@ -209,7 +214,9 @@ def test_ctrl_c_in_a_terminal_stops_cleanly_and_resumes(tmp_path: Path, processe
     assert result.returncode == 0 and not _BAD.findall(result.stderr), result.stderr[-3000:]
     assert "left running" not in result.stderr  # the helpers had stopped: nothing for the next start to clear
     loaded = events(run_dir, "state_loaded")[-1]
-    assert (loaded["source"], loaded["epoch"], loaded["inner_step"]) == ("disk", last["epoch"], last["inner_step"])
+    assert (loaded["source"], loaded["epoch"], loaded["inner_step"]) == (
+        "disk", last["epoch"], last["inner_step"]
+    )
 
 
 # -- a crash: SIGKILL --------------------------------------------------------------------------------
@@ -244,7 +251,9 @@ def test_sigkill_of_the_dht_process_alone_leaves_no_p2pd(tmp_path: Path, process
     print(f"p2pd gone {seconds:.2f} s after its DHT process's SIGKILL")
 
 
-def test_helpers_stop_quietly_and_at_once_when_p2pd_is_already_gone(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_helpers_stop_quietly_and_at_once_when_p2pd_is_already_gone(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """p2pd gone first (it crashed, or was killed): the averager and the DHT stop without a traceback, and
     without waiting out a grace period for a daemon that will never answer."""
     import torch
@@ -256,7 +265,9 @@ def test_helpers_stop_quietly_and_at_once_when_p2pd_is_already_gone(tmp_path: Pa
     averager = SwarmAverager(dht=node.start(), run_id="lifecycle", template=[torch.zeros(64)])
     try:
         averager.start()
-        daemons = {pid: t for pid in descendants(os.getpid()) if is_p2pd(pid) and (t := start_time(pid)) is not None}
+        daemons = {
+            pid: t for pid in descendants(os.getpid()) if is_p2pd(pid) and (t := start_time(pid)) is not None
+        }
         assert daemons
         for pid in daemons:
             os.kill(pid, signal.SIGKILL)

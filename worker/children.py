@@ -3,8 +3,9 @@
 A worker runs the DHT and averager as child processes, and the DHT runs the p2p
 daemon. They end by themselves within a moment of the worker's death (dht/lifeline.py:
 PDEATHSIG and a parent watch); this is the backstop for whatever escapes that (a helper
-stuck in uninterruptible sleep, one started without the lifeline): a p2p daemon left running keeps the peer identity, and a restart on the same run dir
-would be refused as "identity already taken". So a worker records its descendants
+stuck in uninterruptible sleep, one started without the lifeline): a p2p daemon left
+running keeps the peer identity, and a restart on the same run dir would be refused
+as "identity already taken". So a worker records its descendants
 (pid and kernel start time, which together cannot be reused) in the run dir, and
 the next worker on that run dir — already holding the run-dir lock, so the old one
 is surely gone — kills whichever of them still run. Linux only (/proc); elsewhere a no-op.
@@ -28,7 +29,8 @@ def start_time(pid: int) -> int | None:
         stat = (_PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    # Fields after the command name (which may hold spaces) start after the last ')': state, ..., start time (22nd).
+    # Fields after the command name (which may hold spaces) start after the last ')':
+    # state, ..., start time (22nd).
     fields = stat.rsplit(")", 1)[1].split()
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
