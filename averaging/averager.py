@@ -30,8 +30,8 @@ from hivemind.utils import get_dht_time, get_logger
 
 from averaging.backend import RoundBackend
 from averaging.compression import all_finite, get_codec
-from averaging.round import RoundTicket, round_key_prefix, schema_digest
 from averaging.settings import RoundSettings
+from averaging.tickets import RoundTicket, round_key_prefix, schema_digest
 
 logger = get_logger(__name__)
 
@@ -61,7 +61,7 @@ class SwarmAverager:
 
     Every member of a group ends with bitwise-identical averaged tensors, whatever the
     compression (see ``averaging.allreduce``). Peers only group with peers of the same
-    ``run_id``, epoch, compression and tensor shapes (see ``averaging.round``).
+    ``run_id``, epoch, compression and tensor shapes (see ``averaging.tickets``).
 
     The background process forks and keeps the tensors in shared memory: create and
     ``start`` it (like the DHT) before CUDA is touched.

@@ -58,8 +58,8 @@ from hivemind.utils.asyncio import achain, as_aiter
 from averaging.allreduce import IdenticalAllReduce
 from averaging.compression import Codec
 from averaging.partition import Partition
-from averaging.round import RoundMismatch, RoundTicket, check_group, handler_namespace
 from averaging.settings import RoundSettings
+from averaging.tickets import RoundMismatch, RoundTicket, check_group, handler_namespace
 
 logger = get_logger(__name__)
 

@@ -34,8 +34,8 @@ from averaging import CodecError, RoundResult, SwarmAverager, get_codec
 from averaging.allreduce import IdenticalAllReduce
 from averaging.backend import RoundBackend
 from averaging.partition import Partition
-from averaging.round import RoundMismatch, RoundTicket, check_group, round_key_prefix
 from averaging.settings import RoundSettings
+from averaging.tickets import RoundMismatch, RoundTicket, check_group, round_key_prefix
 
 torch.set_num_threads(1)
 

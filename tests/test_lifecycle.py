@@ -181,14 +181,9 @@ def _outer(run_dir: Path, processes: Processes) -> subprocess.Popen[str]:
 MOMENTS: dict[str, Callable[[Path, Processes], subprocess.Popen[str]]] = {
     "dht-starting": _dht_starting, "helpers-up": _helpers_up, "inner": _inner, "outer": _outer,
 }
-# The worker (worker/runtime.py) ignores SIGINT from just before it forks the DHT until its averager is up
-# (0.5-1 s from the fork on here): a Ctrl-C then is dropped and the worker trains on. The helpers need no such
-# thing any more (dht/lifeline.py); the fix is runtime.py's: install the handlers before the DHT starts.
 
 
-@pytest.mark.parametrize("moment", [
-    "dht-starting", "helpers-up", "inner", "outer",
-])
+@pytest.mark.parametrize("moment", ["dht-starting", "helpers-up", "inner", "outer"])
 def test_ctrl_c_in_a_terminal_stops_cleanly_and_resumes(
     tmp_path: Path, processes: Processes, moment: str
 ) -> None:
