@@ -52,7 +52,7 @@ def bare_loop(model: torch.nn.Module, batches: list[torch.Tensor], *, lr: float,
 
 def worker_loop(worker: Worker, steps: int) -> float:
     """Tokens per second of the worker's own inner phase over `steps` steps."""
-    worker.cfg.train.inner_steps = worker.inner_step + steps
+    worker.cfg.train.inner_steps = worker.state.inner_step + steps
     began = time.perf_counter()
     worker._inner_phase(RoundProgress(enabled=False, inner_steps=steps))
     elapsed = time.perf_counter() - began

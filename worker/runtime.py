@@ -32,6 +32,8 @@ from checkpoints import (
     RunDirLockedError,
     param_sha256,
 )
+from checkpoints.transfer import StateTransferError
+from dht import lifeline
 from dht.board import load_or_create_record_key, run_validators
 from dht.node import SwarmError, SwarmNode
 from worker.children import kill_descendants, reap_leftovers, record_children
@@ -153,10 +155,13 @@ class Worker:
         self.metrics.start()
         self._resources.callback(self.metrics.shutdown)
         # Only after the lock: the store clears half-written checkpoints left by a crash.
-        self.store = CheckpointStore(
-            directory=self.run_dir / "checkpoints", keep=self.cfg.run.keep_checkpoints,
-            faults=self.faults.checkpoint_faults(),
-        )
+        try:
+            self.store = CheckpointStore(
+                directory=self.run_dir / "checkpoints", keep=self.cfg.run.keep_checkpoints,
+                faults=self.faults.checkpoint_faults(),
+            )
+        except CheckpointError as e:  # e.g. run_dir/checkpoints is a file
+            raise WorkerError(str(e)) from None
 
     def _release_lock(self) -> None:
         # A forced stop may leave the writer thread inside a save: then the lock goes with the process
@@ -174,10 +179,14 @@ class Worker:
         self.signature = model_signature(model)
         self._check_run_dir()
         self.names = [name for name, _ in model.named_parameters()]
-        self.outer = OuterOptimizer(
-            [p for _, p in model.named_parameters()],
-            lr=cfg.outer.outer_lr, momentum=cfg.outer.outer_momentum, nesterov=cfg.outer.nesterov,
-        )
+        # theta_g lives in shared memory: the first such tensor starts torch's torch_shm_manager, which is in
+        # this process group until it calls setsid. A Ctrl-C in between would kill it and leave torch spinning
+        # on its socket; with SIGINT blocked across the spawn, the Ctrl-C reaches this process afterwards.
+        with lifeline.forking():
+            self.outer = OuterOptimizer(
+                [p for _, p in model.named_parameters()],
+                lr=cfg.outer.outer_lr, momentum=cfg.outer.outer_momentum, nesterov=cfg.outer.nesterov,
+            )
         return model
 
     def _join_swarm(self) -> hivemind.DHT:
@@ -192,12 +201,11 @@ class Worker:
             host_maddrs=cfg.swarm.host_maddrs, announce_maddrs=cfg.swarm.announce_maddrs,
             record_validators=run_validators(cfg.run.run_id, record_key),
         )
+        self._resources.callback(self.node.shutdown)
         try:
             dht = self.node.start()
         except SwarmError as e:
             raise WorkerError(str(e)) from None
-        finally:
-            self._resources.callback(self.node.shutdown)  # also after a failed start: it may have forked
         self.node.write_peer_file(self.run_dir / "peer.json")
         self.peer_id = self.node.peer_id
         self._signer = RSASignatureValidator(record_key)
@@ -217,8 +225,8 @@ class Worker:
             # A member silent this long is dead; it must fit twice into one all-reduce (SwarmAverager checks).
             next_chunk_timeout=min(5.0, cfg.swarm.averaging_timeout / 2),
         )
+        self._resources.callback(self.averager.shutdown)  # safe after a failed start too
         self.averager.start()
-        self._resources.callback(self.averager.shutdown)
         self.saver = BackgroundSaver(store=self.store, on_saved=lambda st, path: self.disk.saved(st, path))
         self.saver.start()  # a thread: only once the DHT and the averager have forked
         self._resources.callback(self._stop_saver)
@@ -227,8 +235,11 @@ class Worker:
             dht=dht, run_id=cfg.run.run_id, peer_id=self.peer_id, signer=self._signer, maddrs=self._maddrs,
             listen_host=listen_host(cfg.swarm.host_maddrs), model_signature=self.signature,
         )
-        self.exchange.start()
-        self._resources.callback(self.exchange.shutdown)
+        self._resources.callback(self.exchange.shutdown)  # safe after a failed start too
+        try:
+            self.exchange.start()
+        except StateTransferError as e:  # the state server could not listen
+            raise WorkerError(str(e)) from None
 
     def _stop_saver(self) -> None:
         # A forced stop does not wait for a write in progress: its temp dir is cleared at the next start.
