@@ -64,6 +64,11 @@ def check_tag(tag: str | None) -> str | None:
     return tag
 
 
+def is_count(value: object) -> bool:
+    """An epoch, a step or a count: a non-negative int (bool, an int to Python, is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def is_valid_group(group: object) -> bool:
     return isinstance(group, str) and _GROUP.match(group) is not None
 

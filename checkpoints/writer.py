@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from checkpoints.errors import CheckpointError
 from checkpoints.faults import AFTER_TENSOR_FILE, BEFORE_META, NO_FAULTS, CheckpointFaults
 from checkpoints.fsio import fsync_path, sha256_file, write_bytes_durably
-from checkpoints.layout import META_FILE, CheckpointName, check_tag, is_valid_group, tensor_file
+from checkpoints.layout import META_FILE, CheckpointName, check_tag, is_count, is_valid_group, tensor_file
 from checkpoints.metafile import CheckpointManifest, FileRecord, encode_manifest, pack_meta
 from checkpoints.state import TrainingState
 
@@ -23,15 +23,11 @@ from checkpoints.state import TrainingState
 _RESERVED_TENSOR_NAME = "__metadata__"
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def check_state(state: TrainingState, *, tag: str | None) -> CheckpointName:
     """Validate everything cheap to validate before any byte is written; returns the dir name."""
-    if not _is_count(state.epoch):
+    if not is_count(state.epoch):
         raise CheckpointError(f"state.epoch must be a non-negative int, got {state.epoch!r}")
-    if not _is_count(state.inner_step):
+    if not is_count(state.inner_step):
         raise CheckpointError(
             f"state.meta['inner_step'] must be a non-negative int, got {state.inner_step!r}"
         )

@@ -26,16 +26,13 @@ from collections.abc import Mapping
 import torch
 
 from checkpoints.digest import param_sha256
+from checkpoints.layout import is_count
 from checkpoints.transfer.candidates import OfferLike
 from checkpoints.transfer.errors import SnapshotRefused, StateTransferError
 from checkpoints.transfer.manifest import ALLOWED_DTYPES, Shapes, SnapshotManifest, Tensors, parse_manifest
 
 GLOBAL = "global"  # the group whose param_sha256 the offer carries
 Dtypes = Mapping[str, torch.dtype]  # group -> the dtype of every tensor in it
-
-
-def _is_count(value: object) -> bool:
-    return type(value) is int and value >= 0
 
 
 def check_manifest(data: bytes, offer: OfferLike, *, expect_shapes: Shapes | None,
@@ -58,7 +55,7 @@ def check_manifest(data: bytes, offer: OfferLike, *, expect_shapes: Shapes | Non
         if wanted is not None and ALLOWED_DTYPES[entry.dtype] != wanted:
             raise SnapshotRefused(f"tensor {entry.name} is not {str(wanted).removeprefix('torch.')}")
     step = manifest.meta.get("global_step", 0)
-    if not _is_count(step):
+    if not is_count(step):
         raise SnapshotRefused(f"global_step {step!r} is not a non-negative int")
     return manifest
 
