@@ -326,22 +326,17 @@ def test_unknown_format_version_is_skipped(tmp_path: Path) -> None:
 
 # --- crash safety ----------------------------------------------------------------------
 
-# A real process, really SIGKILLed by the hook it hands its store: no finally or atexit runs.
+# A real process, really SIGKILLed by the hook it hands its store (the one the worker's fault plan hands
+# it, worker.faults.CheckpointKill): no finally or atexit runs.
 CRASHING_SAVER = textwrap.dedent(
     """
-    import os, signal, sys, torch
+    import sys, torch
     from pathlib import Path
     from checkpoints import CheckpointStore, TrainingState
-
-    class KillAt:
-        def __init__(self):
-            self.phase = None  # armed only for the save under test
-        def reached(self, phase):
-            if phase == self.phase:
-                os.kill(os.getpid(), signal.SIGKILL)
+    from worker.faults import CheckpointKill
 
     directory, phase, scenario, mib = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
-    hook = KillAt()
+    hook = CheckpointKill("")  # no phase is "": armed only for the save under test, below
     store = CheckpointStore(directory=directory, keep=1 if scenario == "prune" else 3, faults=hook)
     small = {"global": {"w": torch.ones(4)}}
     store.save(TrainingState(epoch=1, tensors=small, meta={"version": 1}))
