@@ -110,6 +110,11 @@ class RoundTiming:
     inner_steps: int  # H: how far a member's inner phase goes
 
 
+# What a round that never called the averager reports: alone, nothing sent.
+_NOT_AVERAGED = RoundResult(group_size=1, allreduce_s=0.0, matchmaking_s=0.0, bytes_sent=0, bytes_received=0,
+                            peer_ids=[])
+
+
 @dataclass
 class _Round:
     """One round in progress: its facts, its deadline and the measurements for its report."""
@@ -203,9 +208,7 @@ class OuterRound:
         r.swarm_epoch = self.swarm.overtaken_at(epoch=r.epoch)
         if r.swarm_epoch < 0:
             return replace(r.facts, swarm_ahead=False)
-        if self.stop():
-            return replace(r.facts, swarm_ahead=True)
-        took = False
+        took = False  # a stop before or during the tries: not taken, and decide() says STOPPED
         while not self.stop() and not took:
             took = self.sync.catch_up(wait_until=r.deadline)
             if took or time.monotonic() >= r.deadline:
@@ -216,14 +219,12 @@ class OuterRound:
     # -- the end of the round ------------------------------------------------------------------
 
     def _report(self, r: _Round, outcome: Outcome) -> RoundReport:
-        result = r.result
+        result = r.result or _NOT_AVERAGED
         return RoundReport(
-            outcome=outcome, epoch=r.epoch, group_size=result.group_size if result else 1,
-            expected_peers=r.members.ready if r.members else 1,
-            allreduce_s=result.allreduce_s if result else 0.0, bytes_sent=result.bytes_sent if result else 0,
-            bytes_received=result.bytes_received if result else 0,
-            failures=tuple(result.failures[-3:]) if result else (), agreement=r.agreement,
-            swarm_epoch=r.swarm_epoch,
+            outcome=outcome, epoch=r.epoch, group_size=result.group_size,
+            expected_peers=r.members.ready if r.members else 1, allreduce_s=result.allreduce_s,
+            bytes_sent=result.bytes_sent, bytes_received=result.bytes_received,
+            failures=tuple(result.failures[-3:]), agreement=r.agreement, swarm_epoch=r.swarm_epoch,
         )
 
     def _finish(self, report: RoundReport, *, began: float) -> None:
