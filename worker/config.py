@@ -69,6 +69,21 @@ class RunConfig(_Section):
     progress: bool = True
     """Show a live progress bar on the console."""
 
+    eval_every: int = Field(1, ge=0)
+    """Evaluate theta_g on the held-out split every N epochs (one member of each round does it, the same
+    held-out tokens on every peer); 0: never."""
+
+    eval_tokens: int = Field(16384, ge=1)
+    """Held-out tokens per evaluation (rounded up to whole sequences of seq_len)."""
+
+    metrics_port: int = Field(0, ge=0, le=65535)
+    """Serve Prometheus metrics over HTTP on this port, on all interfaces (0: off; needs the
+    'monitoring' extra)."""
+
+    wandb_project: str | None = None
+    """Log the metrics to this Weights & Biases project (off when unset; needs the 'monitoring' extra;
+    WANDB_MODE=offline keeps the run files local)."""
+
 
 class ModelConfig(_Section):
     preset: str = Field("tiny", json_schema_extra={"flag": "model"})
@@ -76,6 +91,11 @@ class ModelConfig(_Section):
 
     compile: bool = False
     """Wrap the local model in torch.compile (worth it on CUDA for long runs)."""
+
+    init_from: Path | None = None
+    """A Hugging Face model directory (config.json and safetensors weights) to start the run from: its
+    architecture, weights and, when it has one, its tokenizer. Every peer of the run must give the same
+    weights."""
 
 
 class DataConfig(_Section):

@@ -10,13 +10,26 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
+
+
+class MetricsSink(Protocol):
+    """Somewhere else the same events go (Prometheus, Weights & Biases: ``worker.monitoring``)."""
+
+    def handle(self, record: dict[str, Any]) -> None:
+        """One event, as written to metrics.jsonl. Called under the log's lock: must not block."""
+
+    def close(self) -> None: ...
 
 
 class MetricsLog:
-    def __init__(self, path: Path) -> None:
+    """The run dir's metrics.jsonl, and every sink given: each event goes to all of them."""
+
+    def __init__(self, path: Path, *, sinks: Sequence[MetricsSink] = ()) -> None:
         self.path = path
+        self.sinks = list(sinks)
         self._file: TextIO | None = None
         self._lock = threading.Lock()  # the checkpoint writer's thread emits too: whole lines only
 
@@ -30,6 +43,8 @@ class MetricsLog:
         with self._lock:
             if self._file is not None:
                 self._file.write(line)
+                for sink in self.sinks:
+                    sink.handle(record)
         return record
 
     def shutdown(self) -> None:
@@ -37,6 +52,8 @@ class MetricsLog:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+                for sink in self.sinks:
+                    sink.close()
 
 
 def read_metrics(path: Path, event: str | None = None) -> list[dict[str, Any]]:
