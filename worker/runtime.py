@@ -44,6 +44,7 @@ from worker.errors import WorkerError
 from worker.exchange import StateExchange
 from worker.faults import FaultPlan
 from worker.metrics import MetricsLog
+from worker.monitoring import open_sinks
 from worker.model import build_model, count_parameters, model_signature
 from worker.outer_round import Outcome, OuterRound, RoundTiming
 from worker.persist import DiskState
@@ -152,6 +153,7 @@ class Worker:
             notice(f"stopped {len(leftovers)} process(es) left running by a crashed worker of this run dir")
         # A peer.json from an earlier start names a dead address: scripts wait for the new one.
         (self.run_dir / "peer.json").unlink(missing_ok=True)
+        self.metrics.sinks = open_sinks(self.cfg)  # Prometheus, W&B: only those configured; closed with the log
         self.metrics.start()
         self._resources.callback(self.metrics.shutdown)
         # Only after the lock: the store clears half-written checkpoints left by a crash.
@@ -298,10 +300,14 @@ class Worker:
     def _check_run_dir(self) -> None:
         """A run dir belongs to one run id and one model shape: refuse to mix them."""
         path = self.run_dir / "run.json"
-        mine = {"run_id": self.cfg.run.run_id, "model": self.cfg.model.preset,
-                "model_signature": self.signature}
+        cfg = self.cfg
+        mine = {"run_id": cfg.run.run_id, "model": cfg.model.preset, "model_signature": self.signature}
+        # What `worker export` / `generate` need to rebuild the model and its tokenizer from this run dir.
+        about = {"tokenizer": cfg.data.tokenizer, "seq_len": cfg.data.seq_len, "dataset": cfg.data.dataset,
+                 "dataset_config": cfg.data.dataset_config, "text_field": cfg.data.text_field,
+                 "seed": cfg.run.seed, "eval_tokens": cfg.run.eval_tokens}
         if not path.exists():
-            path.write_text(json.dumps(mine) + "\n")
+            path.write_text(json.dumps({**mine, **about}) + "\n")
             return
         try:
             theirs = json.loads(path.read_text())
