@@ -31,6 +31,12 @@ class ProgressRecord(pydantic.BaseModel):
     in_sync: pydantic.StrictBool
     time: pydantic.StrictFloat
     maddrs: list[pydantic.StrictStr]
+    # The hash of theta_g at epoch 0 of this peer's run (its initial weights): peers of other origins under
+    # the same run id are ignored, and a newcomer of another origin is refused at join.
+    origin: pydantic.constr(regex=r"^[0-9a-f]{64}$", strict=True)  # type: ignore[valid-type]
+    # The newest evaluation of theta_g this peer made (-1: none yet), for `worker status`.
+    eval_epoch: pydantic.conint(ge=-1, strict=True)  # type: ignore[valid-type]
+    eval_loss: pydantic.StrictFloat
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,24 @@ def status_rows(records: list[ProgressRecord]) -> list[dict[str, Any]]:
             "peer_id": r.peer_id, "epoch": r.epoch, "inner_step": r.inner_step,
             "tokens_per_s": r.tokens_per_s, "loss": r.loss, "param_sha256": r.param_sha256,
             "in_sync": r.in_sync, "last_seen_s": round(max(0.0, now - r.time), 1),
-            "maddrs": r.maddrs,
+            "maddrs": r.maddrs, "eval_epoch": r.eval_epoch,
+            "eval_loss": r.eval_loss if r.eval_epoch >= 0 else None,
         }
         for r in sorted(records, key=lambda r: (-r.epoch, r.peer_id))
     ]
 
 
+def newest_eval(records: list[ProgressRecord]) -> dict[str, Any] | None:
+    """The newest evaluation of theta_g any live peer reports (one member evaluates each round)."""
+    evaluated = [r for r in records if r.eval_epoch >= 0]
+    if not evaluated:
+        return None
+    r = max(evaluated, key=lambda r: (r.eval_epoch, r.peer_id))
+    return {"epoch": r.eval_epoch, "loss": r.eval_loss, "peer_id": r.peer_id}
+
+
 def render_json(run_id: str, records: list[ProgressRecord]) -> str:
-    return json.dumps({"run_id": run_id, "peers": status_rows(records)})
+    return json.dumps({"run_id": run_id, "peers": status_rows(records), "eval": newest_eval(records)})
 
 
 def render_table(run_id: str, records: list[ProgressRecord], console: Console) -> None:
@@ -37,15 +47,22 @@ def render_table(run_id: str, records: list[ProgressRecord], console: Console) -
     rows = status_rows(records)
     hashes = {(r["epoch"], r["param_sha256"]) for r in rows}
     table = Table(title=f"run {run_id}: {len(rows)} live peer(s)")
-    for column in ("peer id", "epoch", "step", "tokens/s", "loss", "param sha256", "in sync", "last seen"):
+    for column in ("peer id", "epoch", "step", "tokens/s", "loss", "eval loss", "param sha256", "in sync",
+                   "last seen"):
         table.add_column(column, justify="right" if column not in ("peer id", "param sha256") else "left")
     for r in rows:
+        evaluated = f"{r['eval_loss']:.4f} @{r['eval_epoch']}" if r["eval_loss"] is not None else "-"
         table.add_row(
             r["peer_id"][:16] + "…", str(r["epoch"]), str(r["inner_step"]), f"{r['tokens_per_s']:,.0f}",
-            f"{r['loss']:.4f}", r["param_sha256"][:12], "yes" if r["in_sync"] else "[red]NO[/]",
+            f"{r['loss']:.4f}", evaluated,
+            r["param_sha256"][:12], "yes" if r["in_sync"] else "[red]NO[/]",
             f"{r['last_seen_s']:.0f}s ago",
         )
     console.print(table)
     epochs = {e for e, _ in hashes}
     agree = all(len([h for e2, h in hashes if e2 == e]) == 1 for e in epochs)
     console.print("hashes agree within each epoch: " + ("yes" if agree else "[red]NO[/]"))
+    newest = newest_eval(records)
+    if newest is not None:
+        console.print(f"newest eval of theta_g: loss {newest['loss']:.4f} at epoch {newest['epoch']} "
+                      f"(by {newest['peer_id'][:16]}…)")

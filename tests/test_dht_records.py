@@ -24,7 +24,8 @@ def test_join_address_is_not_loopback_when_another_exists() -> None:
 
 def record(peer: str, epoch: int, digest: str) -> ProgressRecord:
     return ProgressRecord(peer_id=peer, epoch=epoch, inner_step=0, tokens_per_s=1.0, loss=2.0,
-                          param_sha256=digest, in_sync=True, time=get_dht_time(), maddrs=[])
+                          param_sha256=digest, in_sync=True, time=get_dht_time(), maddrs=[], origin="0" * 64,
+                          eval_epoch=-1, eval_loss=-1.0)
 
 
 def test_agreement_is_by_majority_of_the_same_epoch() -> None:

@@ -97,6 +97,14 @@ class ModelConfig(_Section):
     architecture, weights and, when it has one, its tokenizer. Every peer of the run must give the same
     weights."""
 
+    @field_validator("init_from")
+    @classmethod
+    def _is_model_dir(cls, path: Path | None) -> Path | None:
+        if path is not None and not (path / "config.json").is_file():
+            raise ValueError(f"{path} is not a Hugging Face model directory (no config.json): give the "
+                             "directory save_pretrained wrote")
+        return path
+
 
 class DataConfig(_Section):
     dataset: str = "embedded"
@@ -236,6 +244,26 @@ class WorkerConfig(_Section):
         if self.train.batch_size % micro:
             raise ValueError("train.batch_size must be a multiple of train.micro_batch_size")
         return self
+
+    @model_validator(mode="after")
+    def _one_architecture(self) -> WorkerConfig:
+        init = self.model.init_from
+        if init is not None and "preset" in self.model.model_fields_set and self.model.preset != str(init):
+            raise ValueError(f"model.preset {self.model.preset!r} and model.init_from {str(init)!r} both "
+                             "name the architecture: give only --init-from (it brings its config)")
+        return self
+
+    def architecture(self) -> str:
+        """What the model is built from: the --init-from directory, else the preset (or config dir)."""
+        return str(self.model.init_from) if self.model.init_from is not None else self.model.preset
+
+    def tokenizer_name(self) -> str:
+        """The tokenizer: as given, else the --init-from directory's own when it has one, else bytes."""
+        init = self.model.init_from
+        if "tokenizer" not in self.data.model_fields_set and init is not None and (
+                (init / "tokenizer.json").is_file() or (init / "tokenizer_config.json").is_file()):
+            return str(init)
+        return self.data.tokenizer
 
 
 # ---------------------------------------------------------------------------

@@ -175,7 +175,8 @@ class LocalSwarm:
         rows = []
         for m in self.members:
             records = read_metrics(m.run_dir / "metrics.jsonl")
-            inner, outer = _last(records, "inner_step"), _last(records, "outer_step")
+            inner, outer, evaluated = (_last(records, "inner_step"), _last(records, "outer_step"),
+                                       _last(records, "eval"))
             code = m.proc.poll() if m.proc is not None else None
             rows.append({
                 "name": m.name, "state": m.state if code is None else f"exited {code}",
@@ -185,6 +186,7 @@ class LocalSwarm:
                 "tokens_per_s": inner.get("tokens_per_s", 0.0) if inner else 0.0,
                 "group_size": outer["group_size"] if outer else 0,
                 "param_sha256": outer["param_sha256"] if outer else "",
+                "eval": (evaluated["epoch"], evaluated["loss"]) if evaluated else None,
                 "hashes": {r["epoch"]: r["param_sha256"] for r in records if r.get("event") == "outer_step"},
             })
         return rows
@@ -202,8 +204,10 @@ class LocalSwarm:
     def table(self) -> Table:
         rows = self.rows()
         epoch, agree = self.agreement(rows)
+        evals = [r["eval"] for r in rows if r["eval"] is not None]
+        newest = f" — eval loss {max(evals)[1]:.4f} at epoch {max(evals)[0]}" if evals else ""
         table = Table(title=f"local swarm: {len(rows)} workers — hashes at epoch {epoch} agree: "
-                            + ("[green]yes[/]" if agree else "[red]NO[/]"))
+                            + ("[green]yes[/]" if agree else "[red]NO[/]") + newest)
         for column in ("worker", "state", "restarts", "epoch", "step", "loss", "tokens/s", "group",
                        "param sha256"):
             table.add_column(column,

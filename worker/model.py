@@ -67,8 +67,12 @@ def model_config(preset: str) -> PretrainedConfig:
                      "or a directory holding a Hugging Face config.json")
 
 
-def build_model(preset: str, *, seed: int, vocab_min: int) -> PreTrainedModel:
-    """A freshly initialised causal LM; identical on every peer for the same seed."""
+def build_model(preset: str, *, seed: int, vocab_min: int, init_from: Path | None = None) -> PreTrainedModel:
+    """A causal LM in fp32: freshly initialised (identical on every peer for the same seed), or, with
+    `init_from`, the pretrained weights of that Hugging Face model directory (whose config then is the
+    architecture: `preset` is ignored)."""
+    if init_from is not None:
+        return _load_pretrained(init_from, vocab_min=vocab_min)
     config = model_config(preset)
     if config.vocab_size < vocab_min:
         raise ModelError(f"model {preset!r} has a vocabulary of {config.vocab_size} "
@@ -80,6 +84,24 @@ def build_model(preset: str, *, seed: int, vocab_min: int) -> PreTrainedModel:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(config)
+    return model.float()
+
+
+def _load_pretrained(path: Path, *, vocab_min: int) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(str(path))  # one-line errors for a missing or unreadable config.json
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"--init-from {path} has no .safetensors weights: save the model with "
+                         "save_pretrained(..., safe_serialization=True)")
+    if config.vocab_size < vocab_min:
+        raise ModelError(f"--init-from {path} has a vocabulary of {config.vocab_size} "
+                         f"but the tokenizer needs {vocab_min}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
+                                                     use_safetensors=True)
+    except Exception as e:  # transformers raises many types for bad or partial weights
+        raise ModelError(f"cannot load the weights in {path}: {one_line(e)}") from None
     return model.float()
 
 

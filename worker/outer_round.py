@@ -96,6 +96,7 @@ class RoundReport:
     bytes_sent: int = 0
     bytes_received: int = 0
     failures: tuple[str, ...] = ()
+    group: tuple[str, ...] = ()  # peer ids of the group that averaged (this peer's included); () when alone
     agreement: Agreement | None = None  # what the swarm holds, for DESYNC
     swarm_epoch: int = -1  # where the swarm was, for OVERTAKEN
 
@@ -224,7 +225,8 @@ class OuterRound:
             outcome=outcome, epoch=r.epoch, group_size=result.group_size,
             expected_peers=r.members.ready if r.members else 1, allreduce_s=result.allreduce_s,
             bytes_sent=result.bytes_sent, bytes_received=result.bytes_received,
-            failures=tuple(result.failures[-3:]), agreement=r.agreement, swarm_epoch=r.swarm_epoch,
+            failures=tuple(result.failures[-3:]), group=tuple(result.peer_ids), agreement=r.agreement,
+            swarm_epoch=r.swarm_epoch,
         )
 
     def _finish(self, report: RoundReport, *, began: float) -> None:

@@ -38,6 +38,10 @@ class RoundState:
     """Throughput of the current inner phase."""
     peers_seen: int = 1
     """Group size of the last round (or donors + 1 after a fetch): >1 means look for a group next round."""
+    eval_epoch: int = -1
+    """Epoch of the newest evaluation of theta_g this peer made (-1: none)."""
+    eval_loss: float = float("nan")
+    """Held-out loss of that evaluation."""
 
     def restart(self) -> None:
         """Forget the current round's inner work (its steps, tokens and time): theta_g is what stands."""
@@ -50,11 +54,14 @@ class RoundState:
         self.param_sha256 = param_sha256
         self.peers_seen = group_size
 
-    def record(self, *, peer_id: str, maddrs: list[str]) -> ProgressRecord:
+    def record(self, *, peer_id: str, maddrs: list[str], origin: str) -> ProgressRecord:
         """The progress record this state publishes (strict types: the DHT's schema compares them exactly)."""
-        loss = self.loss if self.loss == self.loss else -1.0  # NaN is not comparable in the schema check
+        # NaN is not comparable in the schema check: -1 stands for "none yet".
+        loss = self.loss if self.loss == self.loss else -1.0
+        eval_loss = self.eval_loss if self.eval_loss == self.eval_loss else -1.0
         return ProgressRecord(
             peer_id=peer_id, epoch=self.epoch, inner_step=self.inner_step,
             tokens_per_s=float(self.tokens_per_s), loss=float(loss), param_sha256=self.param_sha256,
-            in_sync=self.in_sync, time=get_dht_time(), maddrs=maddrs,
+            in_sync=self.in_sync, time=get_dht_time(), maddrs=maddrs, origin=origin,
+            eval_epoch=self.eval_epoch, eval_loss=float(eval_loss),
         )

@@ -41,12 +41,13 @@ from worker.config import WorkerConfig
 from worker.console import RoundProgress, notice
 from worker.data import PackedBatches, Tokenizer, make_tokenizer, open_stream
 from worker.errors import WorkerError
+from worker.evaluate import eval_duty, evaluate, held_out_batch
 from worker.exchange import StateExchange
 from worker.faults import FaultPlan
 from worker.metrics import MetricsLog
-from worker.monitoring import open_sinks
 from worker.model import build_model, count_parameters, model_signature
-from worker.outer_round import Outcome, OuterRound, RoundTiming
+from worker.monitoring import open_sinks
+from worker.outer_round import Outcome, OuterRound, RoundReport, RoundTiming
 from worker.persist import DiskState
 from worker.round_state import RoundState
 from worker.state_sync import StateSync, SyncSettings
@@ -101,6 +102,7 @@ class Worker:
         self.faults: FaultPlan | None = None
         self.tokenizer: Tokenizer | None = None
         self.signature: str | None = None
+        self.origin: str | None = None  # hash of the initial weights: the run's lineage (dht.records)
         self.names: list[str] = []
         self.outer: OuterOptimizer | None = None
         self.store: CheckpointStore | None = None
@@ -118,6 +120,7 @@ class Worker:
         self.disk: DiskState | None = None
         self.sync: StateSync | None = None
         self.round: OuterRound | None = None
+        self.held_out: torch.Tensor | None = None  # the run's held-out sequences, when --eval-every is on
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -153,7 +156,7 @@ class Worker:
             notice(f"stopped {len(leftovers)} process(es) left running by a crashed worker of this run dir")
         # A peer.json from an earlier start names a dead address: scripts wait for the new one.
         (self.run_dir / "peer.json").unlink(missing_ok=True)
-        self.metrics.sinks = open_sinks(self.cfg)  # Prometheus, W&B: only those configured; closed with the log
+        self.metrics.sinks = open_sinks(self.cfg)  # Prometheus, W&B: those configured; closed with the log
         self.metrics.start()
         self._resources.callback(self.metrics.shutdown)
         # Only after the lock: the store clears half-written checkpoints left by a crash.
@@ -176,11 +179,14 @@ class Worker:
         cfg = self.cfg
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.tokenizer = make_tokenizer(cfg.data.tokenizer)
-        model = build_model(cfg.model.preset, seed=cfg.run.seed, vocab_min=self.tokenizer.vocab_size)
+        self.tokenizer = make_tokenizer(cfg.tokenizer_name())
+        model = build_model(cfg.architecture(), seed=cfg.run.seed, vocab_min=self.tokenizer.vocab_size,
+                            init_from=cfg.model.init_from)
         self.signature = model_signature(model)
-        self._check_run_dir()
         self.names = [name for name, _ in model.named_parameters()]
+        # The initial weights name the run's lineage (one hash at each start, before any checkpoint loads).
+        self.origin = param_sha256(dict(model.named_parameters()))
+        self._check_run_dir()
         # theta_g lives in shared memory: the first such tensor starts torch's torch_shm_manager, which is in
         # this process group until it calls setsid. A Ctrl-C in between would kill it and leave torch spinning
         # on its socket; with SIGINT blocked across the spawn, the Ctrl-C reaches this process afterwards.
@@ -213,8 +219,23 @@ class Worker:
         self._signer = RSASignatureValidator(record_key)
         self._maddrs = [str(m) for m in self.node.visible_maddrs()]
         self.swarm = SwarmView(dht=dht, run_id=cfg.run.run_id, peer_id=self.peer_id, signer=self._signer,
-                               maddrs=self._maddrs, state=self.state)
+                               maddrs=self._maddrs, state=self.state, origin=self.origin)
+        self._check_origin()
         return dht
+
+    def _check_origin(self) -> None:
+        """A peer started from other weights than the run's live peers is refused before it trains."""
+        theirs = self.swarm.foreign_origins()
+        if not theirs or self.swarm.others():
+            return  # nobody else yet, or some live peer shares this peer's weights
+        origin, peers = max(theirs.items(), key=lambda item: item[1])
+        source = f"--init-from {self.cfg.model.init_from}" if self.cfg.model.init_from else (
+            f"--model {self.cfg.model.preset} --seed {self.cfg.run.seed}")
+        raise WorkerError(
+            f"run {self.cfg.run.run_id!r} trains from other initial weights (origin {origin[:12]} on "
+            f"{peers} live peer(s)) than this peer's {source} (origin {self.origin[:12]}): "
+            "start from the run's weights"
+        )
 
     def _start_helpers(self, dht: hivemind.DHT) -> None:
         """The averager process, the checkpoint writer and the state server: each released in reverse."""
@@ -262,6 +283,12 @@ class Worker:
             tokenizer=self.tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
             shard_key=self.peer_id, seed=cfg.run.seed,
         )
+        if cfg.run.eval_every:
+            data = cfg.data
+            self.held_out = held_out_batch(
+                dataset=data.dataset, dataset_config=data.dataset_config, text_field=data.text_field,
+                tokenizer=self.tokenizer, seq_len=data.seq_len, tokens=cfg.run.eval_tokens, seed=cfg.run.seed,
+            )
         self.disk = DiskState(
             run_id=cfg.run.run_id, signature=self.signature, names=self.names, state=self.state,
             outer=self.outer, trainer=self.trainer, data=self.data, device=self.device, store=self.store,
@@ -301,9 +328,10 @@ class Worker:
         """A run dir belongs to one run id and one model shape: refuse to mix them."""
         path = self.run_dir / "run.json"
         cfg = self.cfg
-        mine = {"run_id": cfg.run.run_id, "model": cfg.model.preset, "model_signature": self.signature}
+        mine = {"run_id": cfg.run.run_id, "model": cfg.architecture(), "model_signature": self.signature,
+                "origin": self.origin}
         # What `worker export` / `generate` need to rebuild the model and its tokenizer from this run dir.
-        about = {"tokenizer": cfg.data.tokenizer, "seq_len": cfg.data.seq_len, "dataset": cfg.data.dataset,
+        about = {"tokenizer": cfg.tokenizer_name(), "seq_len": cfg.data.seq_len, "dataset": cfg.data.dataset,
                  "dataset_config": cfg.data.dataset_config, "text_field": cfg.data.text_field,
                  "seed": cfg.run.seed, "eval_tokens": cfg.run.eval_tokens}
         if not path.exists():
@@ -324,6 +352,12 @@ class Worker:
             raise WorkerError(
                 f"run dir {self.run_dir} holds a model of another shape ({theirs.get('model')!r}), "
                 f"not {mine['model']!r}: use another --run-dir or the same --model"
+            )
+        if theirs.get("origin", self.origin) != self.origin:
+            raise WorkerError(
+                f"run dir {self.run_dir} holds a run started from other initial weights (origin "
+                f"{theirs['origin'][:12]}, this start's {self.origin[:12]}): use another --run-dir, "
+                "or the same --init-from and --seed"
             )
 
     def _announce(self, n_params: int) -> None:
@@ -395,12 +429,30 @@ class Worker:
                 if self.stop_requested:
                     break
                 report = self.round.run()
+                self._evaluate(report)
                 if report.outcome is Outcome.DESYNC and report.agreement is not None:
                     self._repair_target = report.agreement.majority_hash
                 if not self.stop_requested and self.state.epoch % cfg.run.checkpoint_every == 0:
                     self.disk.save(background=cfg.run.background_checkpoints)
         finally:
             progress.shutdown()
+
+    def _evaluate(self, report: RoundReport) -> None:
+        """Every --eval-every epochs, one member of the round evaluates the new theta_g on the held-out split.
+
+        Right after an outer step the local model is theta_g itself (the step copies it in), so the pass
+        runs on the model as it is: no extra copy of the parameters."""
+        st, every = self.state, self.cfg.run.eval_every
+        stepped = report.outcome in (Outcome.AVERAGED, Outcome.ALONE)
+        if self.held_out is None or not stepped or st.epoch % every:
+            return
+        if not eval_duty(epoch=st.epoch, group=list(report.group), me=self.peer_id):
+            return
+        result = evaluate(self.trainer.model, self.held_out, epoch=st.epoch, device=self.device,
+                          micro_batch=self.cfg.train.micro_batch_size or self.cfg.train.batch_size)
+        st.eval_epoch, st.eval_loss = result.epoch, result.loss
+        self.metrics.emit("eval", **result.fields(), param_sha256=st.param_sha256)
+        self.swarm.publish(force=True)
 
     def _inner_phase(self, progress: RoundProgress) -> None:
         cfg, st = self.cfg, self.state

@@ -40,11 +40,13 @@ class SwarmView:
 
     def __init__(
         self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator,
-        maddrs: list[str], state: RoundState,
+        maddrs: list[str], state: RoundState, origin: str,
     ) -> None:
         self.board = SignedBoard(dht=dht, run_id=run_id, kind=PROGRESS, signer=signer)
-        self.peer_id = peer_id
+        self.run_id, self.peer_id = run_id, peer_id
         self.maddrs = maddrs
+        self.origin = origin  # this run's initial weights: peers of another origin are not of this run
+        self._ignored: set[str] = set()  # peers of another origin already logged
         self.state = state  # what this peer publishes: its record is derived from it at each publish
         self._last_publish = 0.0
 
@@ -57,7 +59,8 @@ class SwarmView:
             return
         self._last_publish = now
         try:
-            self.board.publish(self.state.record(peer_id=self.peer_id, maddrs=self.maddrs), wait=wait)
+            record = self.state.record(peer_id=self.peer_id, maddrs=self.maddrs, origin=self.origin)
+            self.board.publish(record, wait=wait)
         except Exception as e:  # a DHT hiccup must never stop training
             logger.warning("could not publish progress: %s", e)
 
@@ -66,11 +69,32 @@ class SwarmView:
         self.publish()
 
     def others(self) -> list[ProgressRecord]:
+        """The other live peers of this run: same run id and same initial weights."""
+        mine, foreign = self._read()
+        for r in foreign:
+            if r.peer_id not in self._ignored:
+                self._ignored.add(r.peer_id)
+                logger.warning("ignoring peer %s: it trains run %s from other initial weights (origin %s, "
+                               "ours %s)", r.peer_id, self.run_id, r.origin[:12], self.origin[:12])
+        return mine
+
+    def foreign_origins(self) -> dict[str, int]:
+        """Origins of the live peers of this run id that are not this peer's, with how many peers hold each:
+        when only they exist, this peer was started from other weights than the run's."""
+        _, foreign = self._read()
+        counts: dict[str, int] = {}
+        for r in foreign:
+            counts[r.origin] = counts.get(r.origin, 0) + 1
+        return counts
+
+    def _read(self) -> tuple[list[ProgressRecord], list[ProgressRecord]]:
         try:
-            return [r for r in self.board.read() if r.peer_id != self.peer_id]
+            records = [r for r in self.board.read() if r.peer_id != self.peer_id]
         except Exception as e:
             logger.warning("could not read the progress board: %s", e)
-            return []
+            return [], []
+        mine = [r for r in records if r.origin == self.origin]
+        return mine, [r for r in records if r.origin != self.origin]
 
     def leave(self) -> None:
         """Withdraw this peer's record (a clean shutdown): the others stop waiting for it at once."""
