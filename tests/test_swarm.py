@@ -77,6 +77,12 @@ def test_three_workers_agree_bitwise(tmp_path: Path, procs: list, compression: s
     assert end < start - 0.3, (start, end)
     full = [r for r in events(dirs[0], "outer_step") if r["group_size"] == 3]
     assert full and all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in full)
+    # The swarm evaluates each full round's theta_g once, not once per member, and all on the same tokens.
+    evals = [r for d in dirs for r in events(d, "eval")]
+    for r in full:
+        done = [e for e in evals if e["epoch"] == r["epoch"]]
+        assert len(done) == 1 and done[0]["param_sha256"] == r["param_sha256"], (r["epoch"], evals)
+    assert len({e["tokens"] for e in evals}) == 1
 
 
 @pytest.mark.slow
