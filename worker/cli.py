@@ -114,7 +114,38 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep looking this long for at least one live peer")
     status.add_argument("--log-level", default="error", choices=["debug", "info", "warning", "error"],
                         help="verbosity of library logs")
+    _add_model_commands(commands)
     return parser
+
+
+def _add_model_commands(commands: argparse._SubParsersAction) -> None:
+    """`export`, `generate`, `plot`: the model a run trained, and its curves (worker/export.py, plot.py)."""
+    export = commands.add_parser(
+        "export", help="write a run's model as a Hugging Face model directory",
+        description="Write theta_g of one epoch of a run dir as a Hugging Face model directory (config, "
+                    "safetensors weights, generation config, tokenizer) that transformers loads as is.")
+    export.add_argument("--run-dir", type=Path, required=True, help="the run dir a worker trained in")
+    export.add_argument("--out", type=Path, required=True,
+                        help="new directory to write (an earlier export there is replaced)")
+    export.add_argument("--epoch", type=int, default=None, help="which epoch (default: the newest on disk)")
+
+    generate = commands.add_parser(
+        "generate", help="sample text from a run's model",
+        description="Print the prompt and a continuation sampled from theta_g of a run dir.")
+    generate.add_argument("--run-dir", type=Path, required=True, help="the run dir a worker trained in")
+    generate.add_argument("--prompt", default="", help="text to continue (default: none)")
+    generate.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add (default 100)")
+    generate.add_argument("--epoch", type=int, default=None, help="which epoch (default: the newest on disk)")
+    generate.add_argument("--temperature", type=float, default=0.8,
+                          help="sampling temperature; 0 for greedy decoding (default 0.8)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+
+    plot = commands.add_parser(
+        "plot", help="draw a run's loss and eval curves",
+        description="Draw inner loss and eval loss per peer from the metrics.jsonl files under RUN_DIR "
+                    "(one worker's run dir, or a directory of them such as `worker swarm`'s).")
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run dir or a directory of run dirs")
+    plot.add_argument("--out", type=Path, default=None, help="PNG to write (default: RUN_DIR/loss.png)")
 
 
 def _setup_logging(level: str) -> None:
@@ -254,6 +285,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    """The commands print their result; transformers' progress bars and advice would bury it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from worker.export import export_model
+
+    _quiet_transformers()
+    trained = export_model(args.run_dir, args.out, args.epoch)
+    n_params = sum(p.numel() for p in trained.model.parameters())
+    print(f"exported epoch {trained.theta.epoch} of run {trained.info.run_id!r} ({trained.info.model}, "
+          f"{n_params / 1e6:.2f}M params) to {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from worker.export import generate_text
+
+    _quiet_transformers()
+    text, _ = generate_text(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, epoch=args.epoch,
+                            temperature=args.temperature, seed=args.seed)
+    print(text)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from worker.plot import plot_run
+
+    out = plot_run(args.run_dir, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+_MODEL_COMMANDS = {"export": cmd_export, "generate": cmd_generate, "plot": cmd_plot}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -273,6 +344,8 @@ def _main(argv: list[str] | None) -> int:
             return cmd_status(args)
         if args.command == "swarm":
             return cmd_swarm(args)
+        if args.command in ("export", "generate", "plot"):
+            return _MODEL_COMMANDS[args.command](args)
     except WorkerError as e:  # ConfigError among them
         error_line(str(e))
         return EXIT_USAGE
