@@ -4,6 +4,7 @@ run; a port in use or a missing extra is a one-line error; a failing or stalled 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import sys
@@ -142,6 +143,21 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
         with pytest.raises(WorkerError, match=f"--metrics-port {port}: .*in use") as caught:
             open_sinks(cfg)
         assert "\n" not in str(caught.value)
+
+
+def test_forked_children_do_not_hold_the_port(tmp_path: Path) -> None:
+    """The worker forks its DHT and averager after the endpoint opens: a child that outlived a killed worker
+    must not keep the port from the next one."""
+    cfg = WorkerConfig.model_validate({"run": {"run_dir": tmp_path, "metrics_port": free_port()}})
+    (sink,) = open_sinks(cfg)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: exit at once, telling whether its copy of the socket is closed
+            os._exit(0 if sink.sink.server.socket.fileno() == -1 else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert sink.sink.server.socket.fileno() != -1  # still serving here
+    finally:
+        sink.close()
 
 
 @pytest.mark.parametrize(("module", "run"), [("prometheus_client", {"metrics_port": 1}),

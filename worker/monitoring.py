@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -130,6 +132,25 @@ class _Tally:
 
 # -- Prometheus --------------------------------------------------------------------------------------
 
+# The endpoints' listening sockets. The worker forks its DHT and averager processes after the sinks open:
+# a child must not keep a copy of the socket, or the port stays taken while it outlives a killed worker.
+_LISTENING: set[socket.socket] = set()
+_fork_hook = False
+
+
+def _close_in_child() -> None:
+    for listening in _LISTENING:
+        listening.close()  # the child's copy only: the parent's endpoint goes on serving
+    _LISTENING.clear()
+
+
+def _serve_in_this_process_only(listening: socket.socket) -> None:
+    global _fork_hook
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=_close_in_child)
+        _fork_hook = True
+    _LISTENING.add(listening)
+
 
 class PrometheusSink:
     """Serves the worker's numbers at http://0.0.0.0:<metrics_port>/metrics from a registry of its own.
@@ -152,6 +173,7 @@ class PrometheusSink:
         }
         self.info.info({"run_id": cfg.run.run_id, "model": cfg.model.preset})
         self.server, self.thread = self._serve(prom, cfg.run.metrics_port)
+        _serve_in_this_process_only(self.server.socket)
 
     def _serve(self, prom: Any, port: int) -> tuple[Any, threading.Thread]:
         try:
@@ -261,6 +283,7 @@ class PrometheusSink:
         self.checkpoints.inc()
 
     def close(self) -> None:
+        _LISTENING.discard(self.server.socket)
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
