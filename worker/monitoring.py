@@ -57,9 +57,13 @@ def _require(module: str, flag: str) -> Any:
 
     try:
         return importlib.import_module(module)
-    except ImportError:
-        raise WorkerError(f"{flag} needs the '{module}' package, which is not installed: "
-                          f"{INSTALL_HINT}") from None
+    except ImportError as e:
+        if e.name == module:
+            raise WorkerError(f"{flag} needs the '{module}' package, which is not installed: "
+                              f"{INSTALL_HINT}") from None
+        # Installed but broken (e.g. a wandb too old for the installed protobuf): say what breaks it.
+        raise WorkerError(f"{flag} needs the '{module}' package, which does not import ({one_line(e)}): "
+                          f"{INSTALL_HINT} --upgrade") from None
 
 
 class _Guarded:
