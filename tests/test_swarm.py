@@ -168,9 +168,12 @@ def test_status_lists_live_peers(tmp_path: Path, procs: list) -> None:
     [row] = status["peers"]
     assert (row["peer_id"] == peer_id and row["epoch"] >= 1 and len(row["param_sha256"]) == 64
             and row["in_sync"])
+    # A lone worker evaluates theta_g after each of its rounds: status shows the newest evaluation.
+    evaluated = {r["epoch"]: r["loss"] for r in events(run_dir, "eval")}
+    assert status["eval"]["epoch"] >= 1 and status["eval"]["loss"] == evaluated[status["eval"]["epoch"]]
     table = subprocess.run([sys.executable, "-m", "worker", "status", *entry, "--run-id", "diloco-tiny"],
                            capture_output=True, text=True, timeout=90, env=worker_env(), cwd=ROOT)
-    assert table.returncode == 0 and peer_id[:16] in table.stdout
+    assert table.returncode == 0 and peer_id[:16] in table.stdout and "newest eval of theta_g" in table.stdout
     other = subprocess.run([sys.executable, "-m", "worker", "status", *entry, "--run-id", "another-run"],
                            capture_output=True, text=True, timeout=90, env=worker_env(), cwd=ROOT)
     assert other.returncode == 0 and "no live peers of run 'another-run'" in other.stdout
