@@ -10,6 +10,7 @@ state on disk in ``worker.persist``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -184,8 +185,7 @@ class Worker:
                             init_from=cfg.model.init_from)
         self.signature = model_signature(model)
         self.names = [name for name, _ in model.named_parameters()]
-        # The initial weights name the run's lineage (one hash at each start, before any checkpoint loads).
-        self.origin = param_sha256(dict(model.named_parameters()))
+        self.origin = self._initial_weights(model)
         self._check_run_dir()
         # theta_g lives in shared memory: the first such tensor starts torch's torch_shm_manager, which is in
         # this process group until it calls setsid. A Ctrl-C in between would kill it and leave torch spinning
@@ -196,6 +196,17 @@ class Worker:
                 lr=cfg.outer.outer_lr, momentum=cfg.outer.outer_momentum, nesterov=cfg.outer.nesterov,
             )
         return model
+
+    def _initial_weights(self, model: torch.nn.Module) -> str:
+        """The origin of the run's lineage: what theta_g was at epoch 0.
+
+        Pretrained weights are hashed (once per start, before any checkpoint loads). A random init is
+        named by its recipe instead, the model shape and the seed: its bits may differ between torch
+        builds, and such a peer repairs from the swarm at its first round rather than being refused."""
+        if self.cfg.model.init_from is not None:
+            return param_sha256(dict(model.named_parameters()))
+        recipe = f"random-init:{self.signature}:seed={self.cfg.run.seed}"
+        return hashlib.sha256(recipe.encode()).hexdigest()
 
     def _join_swarm(self) -> hivemind.DHT:
         cfg = self.cfg
