@@ -144,10 +144,11 @@ def test_exported_loss_is_the_runs_eval_figure(run_dir: Path, fresh: dict[str, A
     assert batch.shape == (EVAL_TOKENS // 64, 65)
     result = evaluate(theta_g(run_dir, 2), batch, epoch=2, micro_batch=MICRO, device=torch.device("cpu"))
     assert fresh["loss"] == pytest.approx(result.loss, rel=1e-6)
+    # The worker's own figure for the epoch (a lone worker evaluates every round: --eval-every 1).
     logged = [e for e in events(run_dir, "eval") if e["epoch"] == 2]
-    if logged:  # the worker's own figure for the epoch, where it evaluated
-        assert logged[-1]["loss"] == pytest.approx(fresh["loss"], rel=1e-5)
-        assert logged[-1]["tokens"] == result.tokens
+    assert logged, "the worker logged no eval event for epoch 2"
+    assert logged[-1]["loss"] == pytest.approx(fresh["loss"], rel=1e-5)
+    assert logged[-1]["tokens"] == result.tokens
 
 
 def test_export_of_an_older_epoch_replaces_an_earlier_export(run_dir: Path, exported: Path,
@@ -243,3 +244,23 @@ def test_plot_of_a_real_run(run_dir: Path) -> None:
     (peer,) = collect(run_dir)
     assert len(peer.inner) == 8 and peer.inner[-1][0] == 2.0
     assert main(["plot", str(run_dir)]) == 0 and (run_dir / "loss.png").stat().st_size > 0
+
+
+def test_a_hugging_face_tokenizer_run_exports_its_own_tokenizer(run_dir: Path, exported: Path,
+                                                                tmp_path: Path) -> None:
+    """A run whose --tokenizer is a Hugging Face tokenizer (here a local one: the byte tokenizer saved by
+    the first export, so no download) exports that tokenizer's own files."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "hf-run"
+    shutil.copytree(run_dir / "checkpoints", other / "checkpoints")
+    run = json.loads((run_dir / "run.json").read_text())
+    (other / "run.json").write_text(json.dumps({**run, "tokenizer": str(exported)}))
+    out = tmp_path / "out"
+    assert main(["export", "--run-dir", str(other), "--out", str(out)]) == 0
+    assert json.loads((out / "export.json").read_text())["tokenizer"] == str(exported)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok(TEXTS[1], add_special_tokens=False).input_ids == ByteTokenizer().encode(TEXTS[1]).tolist()
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 257

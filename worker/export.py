@@ -263,10 +263,15 @@ def generate_text(run_dir: Path, prompt: str, *, max_new_tokens: int = 100, epoc
     if temperature < 0:
         raise ExportError(f"--temperature must be >= 0, got {temperature}")
     trained = load_trained(run_dir, epoch)
-    model, tokenizer = trained.model, trained.tokenizer
+    tokenizer = trained.tokenizer
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     # Training saw documents each followed by EOS and no BOS: an empty prompt starts a document after one.
-    input_ids = torch.tensor([ids or [tokenizer.eos_token_id]], dtype=torch.long)
+    start = [t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None][:1]
+    if not ids and not start:
+        raise ExportError(f"the run's tokenizer {trained.info.tokenizer!r} has no EOS or BOS: give --prompt")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = trained.model.to(device)
+    input_ids = torch.tensor([ids or start], dtype=torch.long, device=device)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
