@@ -344,7 +344,8 @@ class Worker:
         # What `worker export` / `generate` need to rebuild the model and its tokenizer from this run dir.
         about = {"tokenizer": cfg.tokenizer_name(), "seq_len": cfg.data.seq_len, "dataset": cfg.data.dataset,
                  "dataset_config": cfg.data.dataset_config, "text_field": cfg.data.text_field,
-                 "seed": cfg.run.seed, "eval_tokens": cfg.run.eval_tokens}
+                 "seed": cfg.run.seed, "eval_tokens": cfg.run.eval_tokens,
+                 "inner_steps": cfg.train.inner_steps}
         if not path.exists():
             path.write_text(json.dumps({**mine, **about}) + "\n")
             return
