@@ -109,10 +109,52 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     dataset: str = "embedded"
     """'embedded' (the Python standard library's sources), a Hugging Face dataset name, or local
-    .txt/.jsonl/.parquet files or a directory of them."""
+    .txt/.jsonl/.parquet files or a directory of them; or a mixture of such sources with weights,
+    NAME:WEIGHT,NAME:WEIGHT (e.g. HuggingFaceFW/fineweb-edu:0.7,./code:0.3): the share of sequences drawn
+    from each source (normalised; no weights at all: equal shares)."""
 
     dataset_config: str | None = None
-    """Hugging Face dataset configuration name (e.g. sample-10BT for fineweb-edu)."""
+    """Hugging Face dataset configuration name (e.g. sample-10BT for fineweb-edu); in a mixture it applies to
+    every Hugging Face hub source (local files and 'embedded' have none)."""
+
+    @field_validator("dataset")
+    @classmethod
+    def _valid_sources(cls, spec: str) -> str:
+        cls.sources(spec)  # refused at load time, before any data is opened
+        return spec
+
+    @staticmethod
+    def sources(spec: str) -> list[tuple[str, float]]:
+        """The (source, weight) pairs of a --dataset value, weights normalised to sum 1.
+
+        An item's weight follows its last ':' only when that parses as a number, so paths and URLs that
+        hold ':' stay whole. Raises ValueError (one line) naming the bad item.
+        """
+        usage = "give NAME or NAME:WEIGHT,NAME:WEIGHT with positive weights, e.g. embedded:0.5,./data:0.5"
+        pairs: list[tuple[str, float | None]] = []
+        for item in (part.strip() for part in spec.split(",")):
+            name, weight = item, None
+            head, colon, tail = item.rpartition(":")
+            if colon:
+                try:
+                    weight = float(tail)
+                except ValueError:
+                    pass  # not a weight: the ':' belongs to the name
+                else:
+                    name = head.strip()
+                    if not (weight > 0 and weight != float("inf")):  # also refuses nan
+                        raise ValueError(f"dataset item {item!r}: bad weight {tail.strip()!r}; {usage}")
+            if not name:
+                raise ValueError(f"dataset {spec!r}: empty source in item {item!r}; {usage}")
+            if any(name == seen for seen, _ in pairs):
+                raise ValueError(f"dataset {spec!r}: source {name!r} appears twice; give each source once")
+            pairs.append((name, weight))
+        weights = [w for _, w in pairs]
+        if None in weights and len(pairs) > 1 and any(w is not None for w in weights):
+            raise ValueError(f"dataset {spec!r}: give a weight to every source of the mixture or to none")
+        values = [1.0 if w is None else w for w in weights]
+        values = [value / max(values) for value in values]  # first to at most 1: a sum of huge ones is finite
+        return [(name, value / sum(values)) for (name, _), value in zip(pairs, values, strict=True)]
 
     text_field: str = "text"
     """Field holding the text in jsonl/parquet/Hugging Face records."""
