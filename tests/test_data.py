@@ -166,7 +166,9 @@ def test_a_tokenizer_directory_is_read_offline_and_a_bad_one_is_one_line(tmp_pat
                         seq_len=8, batch_size=2, shard_key="k", seed=0).next_batch()
     assert eos in batch.tolist()[0] + batch.tolist()[1] and int(batch.max()) < tokenizer.vocab_size
     (tmp_path / "empty").mkdir()
-    for bad in [tmp_path / "empty", tmp_path / "missing"]:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{")
+    for bad in [tmp_path / "empty", tmp_path / "missing", tmp_path / "broken"]:
         with pytest.raises(DataError) as info:
             make_tokenizer(str(bad))
         assert str(bad) in str(info.value) and len(str(info.value).splitlines()) == 1
@@ -241,18 +243,40 @@ def test_the_eval_split_is_held_out_of_training_and_the_same_on_every_peer(tmp_p
 
     assert set(read("train", "peer-a", len(texts) - len(held))) == set(texts) - held
     assert set(read("eval", HELD_OUT_KEY, len(held))) == held
+    assert set(read("eval", "peer-b", len(held))) == held  # any key: the same records, from another start
 
-    def batch(spec: str) -> torch.Tensor:
+    def batch(spec: str, seq_len: int = 16) -> torch.Tensor:
         return held_out_batch(dataset=spec, dataset_config=None, text_field="text", tokenizer=ByteTokenizer(),
-                              seq_len=16, tokens=160, seed=0)
+                              seq_len=seq_len, tokens=10 * seq_len, seed=0)
 
     # held_out_batch reads with HELD_OUT_KEY whatever the peer: two peers build it alike.
     first = batch(str(data))
     assert torch.equal(first, batch(str(data)))
-    docs = ByteTokenizer().decode([t if t != ByteTokenizer.eos_id else ord("|") for t in first.flatten()])
-    assert set(docs.split("|")[1:-1]) <= held
+    assert set(documents(first)) <= held
     spec = mixture(tmp_path, weights="1:1")
-    assert torch.equal(batch(spec), batch(spec))
+    mixed = batch(spec, seq_len=64)
+    assert torch.equal(mixed, batch(spec, seq_len=64))
+    assert {doc[0] for doc in documents(mixed)} == {"a", "b"}
+    assert all(is_held_out(doc) for doc in documents(mixed))
+
+
+def test_a_dataset_too_small_for_a_held_out_record_says_so(tmp_path: Path) -> None:
+    from worker.data import is_held_out
+
+    texts = ["q1", "q2", "q3"]
+    assert not any(is_held_out(t) for t in texts)
+    s = open_stream(dataset=str(write_jsonl(tmp_path / "d.jsonl", texts)), dataset_config=None,
+                    text_field="text", tokenizer=ByteTokenizer(), seq_len=8, batch_size=1, shard_key="k",
+                    seed=0, split="eval")
+    with pytest.raises(DataError, match="no held-out records .* --eval-every 0"):
+        s.next_batch()
+
+
+def documents(batch: torch.Tensor) -> list[str]:
+    """The documents that lie whole inside a row (in a mixture, the next row may be another source's)."""
+    eos = ByteTokenizer.eos_id
+    rows = [ByteTokenizer().decode([t if t != eos else ord("|") for t in row]) for row in batch.tolist()]
+    return [doc for row in rows for doc in row.split("|")[1:-1]]
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -263,11 +287,17 @@ def test_the_eval_split_is_held_out_of_training_and_the_same_on_every_peer(tmp_p
     ("a:1,b", "give a weight to every source"),
 ])
 def test_a_bad_mixture_is_a_one_line_config_error(spec: str, message: str) -> None:
-    from worker.config import ConfigError, DataConfig, load_config
+    from worker.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as info:
         load_config(cli={("data", "dataset"): spec}, environ={})
-    assert message in str(info.value) and "NAME:WEIGHT" in str(info.value) or "twice" in message \
-        or "every source" in message
-    assert len(str(info.value).splitlines()) == 1
+    assert str(info.value).startswith("config error: data.dataset: ") and message in str(info.value)
+    assert str(info.value).endswith("(from --dataset)") and len(str(info.value).splitlines()) == 1
+
+
+def test_a_weight_is_what_follows_the_last_colon_when_it_is_a_number() -> None:
+    from worker.config import DataConfig
+
     assert DataConfig.sources("C:\\data:x/y:2,hub/name:1") == [("C:\\data:x/y", 2 / 3), ("hub/name", 1 / 3)]
+    assert DataConfig.sources("./a:b,embedded") == [("./a:b", 0.5), ("embedded", 0.5)]
+    assert DataConfig.sources("embedded") == [("embedded", 1.0)]

@@ -72,8 +72,12 @@ class HFTokenizer:
 
         path = Path(name).expanduser()
         if not path.is_dir() and (name.startswith((".", "/", "~")) or path.exists()):
-            raise DataError(f"tokenizer {name!r}: no such directory (give a Hugging Face tokenizer name or "
-                            "a directory that save_pretrained wrote)")
+            raise DataError(f"tokenizer {name!r} is not a directory: give a Hugging Face tokenizer name or a "
+                            "directory that save_pretrained wrote")
+        files = ("tokenizer.json", "tokenizer_config.json")
+        if path.is_dir() and not any((path / f).is_file() for f in files):
+            raise DataError(f"tokenizer directory {name} holds no tokenizer.json or tokenizer_config.json: "
+                            "give a directory that save_pretrained wrote")
         try:
             if path.is_dir():
                 self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
