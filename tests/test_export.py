@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 out, inputs_path, result_path = sys.argv[1:4]
-inputs = torch.load(inputs_path)
+inputs = torch.load(inputs_path, weights_only=True)
 model = AutoModelForCausalLM.from_pretrained(out).eval()
 tok = AutoTokenizer.from_pretrained(out)
 with torch.no_grad():
@@ -103,7 +103,7 @@ def fresh(run_dir: Path, exported: Path) -> dict[str, Any]:
     done = subprocess.run([sys.executable, str(work / "fresh.py"), str(exported), str(work / "inputs.pt"),
                            str(work / "result.pt")], capture_output=True, text=True, cwd=work, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {"batch": batch, **torch.load(work / "result.pt")}
+    return {"batch": batch, **torch.load(work / "result.pt", weights_only=True)}
 
 
 def test_export_is_a_plain_hugging_face_model_directory(exported: Path) -> None:
