@@ -236,8 +236,8 @@ class Worker:
 
     def _check_origin(self) -> None:
         """A peer started from other weights than the run's live peers is refused before it trains."""
-        theirs = self.swarm.foreign_origins()
-        if not theirs or self.swarm.others():
+        theirs = self.swarm.foreign_origins()  # one read of the board
+        if not theirs:
             return  # nobody else yet, or some live peer shares this peer's weights
         origin, peers = max(theirs.items(), key=lambda item: item[1])
         source = f"--init-from {self.cfg.model.init_from}" if self.cfg.model.init_from else (

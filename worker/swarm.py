@@ -79,9 +79,11 @@ class SwarmView:
         return mine
 
     def foreign_origins(self) -> dict[str, int]:
-        """Origins of the live peers of this run id that are not this peer's, with how many peers hold each:
-        when only they exist, this peer was started from other weights than the run's."""
-        _, foreign = self._read()
+        """When live peers of this run id exist and none shares this peer's origin (it was started from other
+        weights than the run's): their origins, with how many peers hold each. Empty otherwise."""
+        mine, foreign = self._read()
+        if mine:
+            return {}
         counts: dict[str, int] = {}
         for r in foreign:
             counts[r.origin] = counts.get(r.origin, 0) + 1
