@@ -54,6 +54,8 @@ class RoundResult:
     bytes_received: int  # payload bytes this peer received in the successful attempt
     peer_ids: list[str]  # members of the group, this peer included
     failures: list[str] = field(default_factory=list)  # why earlier attempts (or the round) failed
+    # The group's summed weight (every member sums the same tickets: the same value on each); 0 when alone.
+    total_weight: float = 0.0
 
 
 class SwarmAverager:
@@ -317,6 +319,7 @@ class SwarmAverager:
             bytes_received=int(stats["bytes_received"]),
             peer_ids=list(stats["peer_ids"]),
             failures=list(stats["failures"]),
+            total_weight=float(stats["total_weight"]),
         )
 
     def _wait(

@@ -376,6 +376,7 @@ class RoundBackend(DecentralizedAverager):
             group_size=group_info.group_size,
             peer_ids=[str(peer_id) for peer_id in group_info.peer_ids],
             allreduce_s=allreduce_s,
+            total_weight=sum(t.weight for t in tickets),
             bytes_sent=runner.bytes_sent,
             bytes_received=runner.bytes_received,
         )

@@ -1,16 +1,17 @@
 """Progress records: what each peer tells the swarm about itself, and what the swarm's records decide.
 
 Records are published and read through ``dht.board.SignedBoard`` (kind ``PROGRESS``). The
-functions here are pure: which theta_g a peer's epoch agrees on (``check_agreement``) and which
-state a majority of the swarm vouches for (``vouched_state``).
+function here is pure: which state a majority of the swarm vouches for (``vouched_state``); which
+of several lineages is the swarm's is ``dht.lineage``'s fork choice.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import pydantic.v1 as pydantic
+
+from dht.lineage import ANCESTRY, Head
 
 # A record older than this is a peer that left (or crashed): it disappears from views and status.
 RECORD_TTL = 60.0
@@ -37,33 +38,15 @@ class ProgressRecord(pydantic.BaseModel):
     # The newest evaluation of theta_g this peer made (-1: none yet), for `worker status`.
     eval_epoch: pydantic.conint(ge=-1, strict=True)  # type: ignore[valid-type]
     eval_loss: pydantic.StrictFloat
+    # The lineage of theta_g (dht.lineage): tokens trained into it over its whole history, and the hash
+    # prefixes of the states it came from, newest first.
+    trained_tokens: pydantic.conint(ge=0, strict=True)  # type: ignore[valid-type]
+    ancestry: pydantic.conlist(  # type: ignore[valid-type]
+        pydantic.constr(regex=r"^[0-9a-f]{16}$", strict=True), max_items=ANCESTRY)
 
-
-@dataclass(frozen=True)
-class Agreement:
-    """How this peer's theta_g at one epoch compares with the other peers at that epoch."""
-
-    epoch: int
-    majority_hash: str | None
-    votes: int  # peers holding the majority hash
-    peers: int  # peers reporting this epoch
-    mine_agrees: bool
-
-
-def check_agreement(records: list[ProgressRecord], *, epoch: int, my_peer_id: str, my_hash: str) -> Agreement:
-    """Which theta_g the peers at `epoch` hold, and whether this peer's is it.
-
-    The reference hash is the one most peers at the epoch hold; a tie goes to the
-    smallest hash, so that every peer picks the same reference and two split halves
-    of a swarm converge (the losers repair from the winners) instead of staying apart.
-    """
-    # theta_g does not change during a round, so any record of the epoch carries the round's hash.
-    at_epoch = {r.peer_id: r.param_sha256 for r in records if r.epoch == epoch and r.in_sync}
-    at_epoch[my_peer_id] = my_hash
-    counts = Counter(at_epoch.values())
-    reference, votes = min(counts.items(), key=lambda item: (-item[1], item[0]))
-    return Agreement(epoch=epoch, majority_hash=reference, votes=votes, peers=len(at_epoch),
-                     mine_agrees=my_hash == reference)
+    def head(self) -> Head:
+        return Head(peer_id=self.peer_id, epoch=self.epoch, param_sha256=self.param_sha256,
+                    trained_tokens=self.trained_tokens, ancestry=tuple(self.ancestry))
 
 
 def vouched_state(records: list[ProgressRecord], *, since: int = 0) -> tuple[int, str] | None:

@@ -9,6 +9,7 @@ from hivemind.utils import get_dht_time
 from rich.console import Console
 from rich.table import Table
 
+from dht.lineage import lineages
 from dht.records import ProgressRecord
 
 
@@ -35,8 +36,20 @@ def newest_eval(records: list[ProgressRecord]) -> dict[str, Any] | None:
     return {"epoch": r.eval_epoch, "loss": r.eval_loss, "peer_id": r.peer_id}
 
 
+def lineage_rows(records: list[ProgressRecord]) -> list[dict[str, Any]]:
+    """The run's lineages of theta_g, best first (the first is the one the fork choice keeps: ``dht.lineage``).
+    One lineage is a swarm that agrees, whatever epochs its peers are at; more are a fork healing."""
+    heads = [r.head() for r in records if r.in_sync]
+    return [
+        {"epoch": lin.tip.epoch, "param_sha256": lin.tip.param_sha256, "trained_tokens": lin.tip.trained_tokens,
+         "holders": list(lin.holders), "behind": list(lin.behind)}
+        for lin in lineages(heads)
+    ]
+
+
 def render_json(run_id: str, records: list[ProgressRecord]) -> str:
-    return json.dumps({"run_id": run_id, "peers": status_rows(records), "eval": newest_eval(records)})
+    return json.dumps({"run_id": run_id, "peers": status_rows(records), "lineages": lineage_rows(records),
+                       "eval": newest_eval(records)})
 
 
 def render_table(run_id: str, records: list[ProgressRecord], console: Console) -> None:
@@ -45,7 +58,6 @@ def render_table(run_id: str, records: list[ProgressRecord], console: Console) -
                       "(still looking: are they started with this --run-id?)")
         return
     rows = status_rows(records)
-    hashes = {(r["epoch"], r["param_sha256"]) for r in rows}
     table = Table(title=f"run {run_id}: {len(rows)} live peer(s)")
     for column in ("peer id", "epoch", "step", "tokens/s", "loss", "eval loss", "param sha256", "in sync",
                    "last seen"):
@@ -59,9 +71,17 @@ def render_table(run_id: str, records: list[ProgressRecord], console: Console) -
             f"{r['last_seen_s']:.0f}s ago",
         )
     console.print(table)
-    epochs = {e for e, _ in hashes}
-    agree = all(len([h for e2, h in hashes if e2 == e]) == 1 for e in epochs)
-    console.print("hashes agree within each epoch: " + ("yes" if agree else "[red]NO[/]"))
+    found = lineage_rows(records)
+    if len(found) == 1:
+        tip = found[0]
+        console.print(f"one lineage: theta_g {tip['param_sha256'][:12]} at epoch {tip['epoch']} "
+                      f"({tip['trained_tokens']:,} tokens), held by {len(tip['holders'])} peer(s), "
+                      f"{len(tip['behind'])} catching up")
+    else:
+        console.print(f"[red]{len(found)} lineages[/] (the swarm is forked; the first wins and the others fetch it):")
+        for tip in found:
+            console.print(f"  {tip['param_sha256'][:12]} at epoch {tip['epoch']}: {tip['trained_tokens']:,} tokens, "
+                          f"{len(tip['holders'])} holder(s), {len(tip['behind'])} behind")
     newest = newest_eval(records)
     if newest is not None:
         console.print(f"newest eval of theta_g: loss {newest['loss']:.4f} at epoch {newest['epoch']} "

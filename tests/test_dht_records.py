@@ -1,4 +1,4 @@
-"""Join addresses, signed progress records and the agreement check, on real DHT nodes on loopback."""
+"""Join addresses, signed progress records, the majority rule and the fork choice (real DHT nodes on loopback)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from dht.board import PROGRESS, SignedBoard, load_or_create_record_key, run_validators
 from dht.node import pick_join_address
-from dht.records import ProgressRecord, check_agreement, vouched_state
+from dht.lineage import Head, Standing, extend_ancestry, fork_choice, lineages
+from dht.records import ProgressRecord, vouched_state
 
 
 def test_join_address_is_not_loopback_when_another_exists() -> None:
@@ -25,20 +26,76 @@ def test_join_address_is_not_loopback_when_another_exists() -> None:
 def record(peer: str, epoch: int, digest: str) -> ProgressRecord:
     return ProgressRecord(peer_id=peer, epoch=epoch, inner_step=0, tokens_per_s=1.0, loss=2.0,
                           param_sha256=digest, in_sync=True, time=get_dht_time(), maddrs=[], origin="0" * 64,
-                          eval_epoch=-1, eval_loss=-1.0)
+                          eval_epoch=-1, eval_loss=-1.0, trained_tokens=0, ancestry=[])
 
 
-def test_agreement_is_by_majority_of_the_same_epoch() -> None:
-    a, b = "a" * 64, "b" * 64
-    others = [record("p1", 3, a), record("p2", 3, a), record("p3", 4, b)]
-    assert check_agreement(others, epoch=3, my_peer_id="me", my_hash=a).mine_agrees
-    verdict = check_agreement(others, epoch=3, my_peer_id="me", my_hash=b)
-    assert (not verdict.mine_agrees and verdict.majority_hash == a and verdict.votes == 2
-            and verdict.peers == 3)
-    # A tie goes to the smallest hash, the same choice on every peer: one side repairs, the swarm
-    # converges.
-    assert check_agreement([record("p1", 3, b)], epoch=3, my_peer_id="me", my_hash=a).mine_agrees
-    assert not check_agreement([record("p1", 3, a)], epoch=3, my_peer_id="me", my_hash=b).mine_agrees
+def chain(peer: str, hashes: str, *, tokens_per_epoch: int = 100, base: tuple[str, ...] = (),
+          base_tokens: int = 0) -> Head:
+    """The head of a peer whose theta_g went through the states named by `hashes` (one letter each)."""
+    ancestry, epoch, tokens = base, len(base), base_tokens
+    for previous in hashes[:-1]:
+        ancestry = extend_ancestry(ancestry, previous * 64)
+        epoch, tokens = epoch + 1, tokens + tokens_per_epoch
+    return Head(peer_id=peer, epoch=epoch, param_sha256=hashes[-1] * 64, trained_tokens=tokens, ancestry=ancestry)
+
+
+def test_a_peer_behind_on_the_winning_chain_is_not_a_fork() -> None:
+    # p1 and p2 averaged epoch 2 into c; "me" is still at b (mid-round, or slower): behind, not forked.
+    heads = [chain("p1", "abc", tokens_per_epoch=200), chain("p2", "abc", tokens_per_epoch=200)]
+    verdict = fork_choice(heads, mine=chain("me", "ab", tokens_per_epoch=200))
+    assert verdict.standing is Standing.BEHIND and verdict.winner.tip.param_sha256 == "c" * 64
+    assert verdict.winner.holders == ("p1", "p2") and verdict.winner.behind == ("me",)
+    assert fork_choice(heads, mine=chain("me", "abc", tokens_per_epoch=200)).standing is Standing.TIP
+
+
+def test_a_group_beats_a_lone_step_of_the_same_round() -> None:
+    # A failed attempt: "me" stepped alone from b (its own 100 tokens), p1 and p2 averaged (200).
+    group = [Head("p1", 2, "c" * 64, 300, ("b" * 16, "a" * 16)), Head("p2", 2, "c" * 64, 300, ("b" * 16, "a" * 16))]
+    lone = Head("me", 2, "d" * 64, 200, ("b" * 16, "a" * 16))
+    verdict = fork_choice(group, mine=lone)
+    assert verdict.forked and verdict.winner.tip.state == (2, "c" * 64) and verdict.heads == 3
+    # The group's members see the lone peer as a losing lineage, not as a reason to move.
+    assert fork_choice([group[1], lone], mine=group[0]).standing is Standing.TIP
+
+
+def test_a_lone_peer_one_epoch_ahead_loses_to_the_group_it_left() -> None:
+    # "me" stepped alone twice from b (e, f: 100 tokens each); p1 and p2 averaged once (200 tokens): a tie on
+    # tokens, and two holders beat one, although "me" is a whole epoch ahead.
+    ahead = chain("me", "abef")
+    group = [Head("p1", 2, "c" * 64, ahead.trained_tokens, ("b" * 16, "a" * 16)),
+             Head("p2", 2, "c" * 64, ahead.trained_tokens, ("b" * 16, "a" * 16))]
+    verdict = fork_choice(group, mine=ahead)
+    assert ahead.epoch == 3 and verdict.forked and verdict.winner.tip.epoch == 2
+    # With more tokens the lineage ahead would win, whoever holds it: work, not head count, decides first.
+    richer = Head("me", 3, ahead.param_sha256, ahead.trained_tokens + 1, ahead.ancestry)
+    assert fork_choice(group, mine=richer).standing is Standing.TIP
+
+
+def test_healed_partition_halves_converge_on_the_one_that_trained_more() -> None:
+    # Three peers trained 4 epochs at 300 tokens each; two trained 5 epochs at 200 each: 1200 > 1000.
+    three = [chain(f"t{i}", "axyzw", tokens_per_epoch=300) for i in range(3)]
+    two = [chain(f"u{i}", "apqrst", tokens_per_epoch=200) for i in range(2)]
+    everyone = three + two
+    found = lineages(everyone)
+    assert [len(lin.holders) for lin in found] == [3, 2] and found[0].tip.epoch == 4
+    for head in two:  # the faster, smaller half goes back to the larger half's epoch 4
+        assert fork_choice(everyone, mine=head).forked
+    for head in three:
+        assert fork_choice(everyone, mine=head).standing is Standing.TIP
+
+
+def test_a_tie_goes_to_the_smallest_hash_on_every_peer() -> None:
+    x, y = Head("p1", 3, "b" * 64, 500, ()), Head("p2", 3, "a" * 64, 500, ())
+    assert fork_choice([x], mine=y).standing is Standing.TIP
+    assert fork_choice([y], mine=x).forked
+
+
+def test_a_peer_far_behind_its_lineage_is_told_to_fetch() -> None:
+    # Behind by more than the ancestry a head names: it cannot be told from a fork, and fetching the winner
+    # is what catching up does anyway.
+    tip = chain("p1", "abcdefghijkl")
+    assert fork_choice([tip], mine=chain("me", "ab")).forked
+    assert fork_choice([tip], mine=chain("me", "abcdefg")).standing is Standing.BEHIND
 
 
 def test_the_swarm_vouches_only_for_what_a_majority_holds() -> None:

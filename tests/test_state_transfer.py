@@ -609,7 +609,7 @@ def test_signed_offers_in_a_real_dht_drive_a_fetch() -> None:
         progress = ProgressRecord(peer_id=str(dht_a.peer_id), epoch=1, inner_step=0, tokens_per_s=1.0,
                                   loss=2.0, param_sha256=snapshot.meta["param_sha256"], in_sync=True,
                                   time=get_dht_time(), maddrs=[], origin="0" * 64, eval_epoch=-1,
-                                  eval_loss=-1.0)
+                                  eval_loss=-1.0, trained_tokens=0, ancestry=[])
         assert SignedBoard(dht=dht_a, run_id="run", kind=PROGRESS, signer=signer_a).publish(progress)
 
         # b cannot overwrite a's offer (signature), nor store a malformed one (schema).

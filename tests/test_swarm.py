@@ -171,9 +171,14 @@ def test_status_lists_live_peers(tmp_path: Path, procs: list) -> None:
     # A lone worker evaluates theta_g after each of its rounds: status shows the newest evaluation.
     evaluated = {r["epoch"]: r["loss"] for r in events(run_dir, "eval")}
     assert status["eval"]["epoch"] >= 1 and status["eval"]["loss"] == evaluated[status["eval"]["epoch"]]
+    # One lineage, its tip the worker's own theta_g, with the tokens trained into it.
+    [lineage] = status["lineages"]
+    assert lineage["holders"] == [peer_id] and lineage["param_sha256"] == row["param_sha256"]
+    assert lineage["trained_tokens"] == 5 * 4 * 64 * lineage["epoch"]  # inner steps x batch x seq len per epoch
     table = subprocess.run([sys.executable, "-m", "worker", "status", *entry, "--run-id", "diloco-tiny"],
                            capture_output=True, text=True, timeout=90, env=worker_env(), cwd=ROOT)
     assert table.returncode == 0 and peer_id[:16] in table.stdout and "newest eval of theta_g" in table.stdout
+    assert "one lineage: theta_g" in table.stdout
     other = subprocess.run([sys.executable, "-m", "worker", "status", *entry, "--run-id", "another-run"],
                            capture_output=True, text=True, timeout=90, env=worker_env(), cwd=ROOT)
     assert other.returncode == 0 and "no live peers of run 'another-run'" in other.stdout

@@ -49,6 +49,8 @@ class SharedState:
     param_sha256: str
     params: dict[str, torch.Tensor]
     outer: dict[str, torch.Tensor]
+    trained_tokens: int = 0  # the lineage of theta_g (dht.lineage): every holder of this state agrees on it
+    ancestry: tuple[str, ...] = ()
 
 
 class StateExchange:
@@ -80,7 +82,8 @@ class StateExchange:
         snapshot = StateSnapshot.build(
             tensors={"global": state.params, "outer": state.outer},
             meta={"epoch": state.epoch, "global_step": state.global_step, "param_sha256": state.param_sha256,
-                  "run_id": self.run_id, "model_signature": self.model_signature},
+                  "run_id": self.run_id, "model_signature": self.model_signature,
+                  "trained_tokens": state.trained_tokens, "ancestry": list(state.ancestry)},
         )
         self.server.publish(snapshot)
         self._offer = Offer(peer_id=self.peer_id, epoch=state.epoch, param_sha256=state.param_sha256,
@@ -124,8 +127,9 @@ class StateExchange:
         avoid_hash: str | None = None, progress: Callable[[int, int], None] | None = None,
     ) -> FetchResult | None:
         """Fetch the state the swarm vouches for (`vouched`: its epoch and theta_g hash, see
-        `dht.records.vouched_state`) if its epoch is above `newer_than` (or equal, when `avoid_hash` is
-        set and the hash differs from it: the repair of a peer whose theta_g disagrees).
+        `dht.records.vouched_state`) if its epoch is above `newer_than`; or, when `avoid_hash` is set (the
+        repair of a peer on another lineage), the fork choice's tip `vouched` at any epoch, if its hash
+        differs from `avoid_hash` (see `dht.lineage`).
 
         Offers that claim anything else are not fetched: a signed offer only proves who made it, not
         that the swarm holds it. What is fetched is verified by fetch_state (shapes, float32 dtypes,
@@ -137,7 +141,7 @@ class StateExchange:
         if vouched is None:
             return None
         epoch, digest = vouched
-        repair = avoid_hash is not None and epoch == newer_than and digest != avoid_hash
+        repair = avoid_hash is not None and digest != avoid_hash
         if not (epoch > newer_than or repair):
             return None
         offers = [o for o in self.others() if (o.epoch, o.param_sha256) == vouched]

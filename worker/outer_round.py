@@ -3,15 +3,20 @@
 At the end of each inner phase the worker runs ``OuterRound.run``. Its phases, in order:
 
 1. ``pseudo_gradient``: delta = theta_g - theta_local; a non-finite delta drops the round.
-2. ``check_agreement``: theta_g must still agree with the swarm's (signed progress records);
-   a disagreement ends the round as DESYNC (the loop repairs before contributing again).
+2. ``check_agreement``: theta_g must be on the swarm's lineage (``dht.lineage``: the fork choice over
+   every live peer's signed progress record, whatever its epoch); on another lineage the round ends as
+   DESYNC (the loop fetches the winner's state before contributing again).
 3. ``wait_for_members``: wait (half the outer step's time at most) for this round's peers.
 4. ``average``: average delta with them (``averaging.SwarmAverager``).
 5. ``check_overtaken``: alone while the swarm already settled this epoch? Take its state instead.
-6. ``apply``: the outer step on the averaged (or, alone, this worker's own) delta.
+6. ``check_partners``: no group, but live peers hold this theta_g? Then the round is EXTENDED: the
+   local model trains on and the next outer step averages all of it, rather than step alone and fork
+   the swarm. Only a worker with no such peer (or one extended ``MAX_EXTENSIONS`` times) steps alone.
+7. ``apply``: the outer step on the averaged (or, alone, this worker's own) delta.
 
 After each phase the facts gathered so far go to ``decide``, a pure function: it names the
-outcome (averaged, alone, overtaken, desync, dropped, stopped) or says the next phase must run.
+outcome (averaged, alone, extended, overtaken, desync, dropped, stopped) or says the next phase must
+run.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from averaging import RoundResult, SwarmAverager
 from averaging.outer import OuterOptimizer
 from checkpoints import param_sha256
-from dht.records import Agreement
+from dht.lineage import Verdict
 from worker.console import notice
 from worker.faults import FaultPlan
 from worker.metrics import MetricsLog
@@ -38,7 +43,8 @@ from worker.train import InnerTrainer
 
 class Outcome(StrEnum):
     AVERAGED = "averaged"  # a group averaged its pseudo-gradients; theta_g took the outer step
-    ALONE = "alone"  # nobody to average with (or the group failed): this worker's own delta is the average
+    ALONE = "alone"  # nobody of its lineage to average with: this worker's own delta is the average
+    EXTENDED = "extended"  # no group although peers hold this theta_g: train on, average all of it next time
     OVERTAKEN = "overtaken"  # the swarm settled this epoch without this worker: its state was taken instead
     DESYNC = "desync"  # theta_g disagrees with the swarm's majority: nothing applied, repair first
     DROPPED = "dropped"  # the pseudo-gradient is not finite: the round's inner work is dropped
@@ -55,6 +61,8 @@ class RoundFacts:
     group_size: int | None = None  # members averaged, this one included (1: alone or failed)
     swarm_ahead: bool | None = None  # has a majority of the swarm moved past this epoch?
     took_swarm_state: bool | None = None  # did this worker load the state the swarm moved on to?
+    partners: int | None = None  # other live in-sync peers holding this theta_g at this epoch
+    may_extend: bool = False  # this round has been extended fewer than MAX_EXTENSIONS times
 
 
 def decide(f: RoundFacts) -> Outcome | None:
@@ -74,14 +82,19 @@ def decide(f: RoundFacts) -> Outcome | None:
         return Outcome.AVERAGED
     if f.swarm_ahead is None:
         return None
-    if not f.swarm_ahead:
-        return Outcome.ALONE
-    if f.took_swarm_state is None:
-        return Outcome.STOPPED if f.stop_requested else None
-    if f.took_swarm_state:
-        return Outcome.OVERTAKEN
-    # Ahead, but its state could not be had in time: stop unfinished rather than diverge, else go on alone.
-    return Outcome.STOPPED if f.stop_requested else Outcome.ALONE
+    if f.swarm_ahead:
+        if f.took_swarm_state is None:
+            return Outcome.STOPPED if f.stop_requested else None
+        if f.took_swarm_state:
+            return Outcome.OVERTAKEN
+        # Ahead, but its state could not be had in time: a lone step would fork; train on and fetch next time.
+        if f.stop_requested:
+            return Outcome.STOPPED
+        return Outcome.EXTENDED if f.may_extend else Outcome.ALONE
+    if f.partners is None:
+        return None
+    # A lone step beside live peers of the same theta_g would fork the swarm into two lineages.
+    return Outcome.EXTENDED if f.partners and f.may_extend else Outcome.ALONE
 
 
 @dataclass(frozen=True)
@@ -97,8 +110,9 @@ class RoundReport:
     bytes_received: int = 0
     failures: tuple[str, ...] = ()
     group: tuple[str, ...] = ()  # peer ids of the group that averaged (this peer's included); () when alone
-    agreement: Agreement | None = None  # what the swarm holds, for DESYNC
+    verdict: Verdict | None = None  # the fork choice, for DESYNC
     swarm_epoch: int = -1  # where the swarm was, for OVERTAKEN
+    total_weight: float = 0.0  # the group's summed weight (tokens), when averaged
 
 
 @dataclass(frozen=True)
@@ -125,8 +139,13 @@ class _Round:
     facts: RoundFacts = field(default_factory=RoundFacts)
     members: RoundMembers | None = None
     result: RoundResult | None = None
-    agreement: Agreement | None = None
+    verdict: Verdict | None = None
     swarm_epoch: int = -1
+
+
+# How many times one round may be extended (no group, peers of its theta_g live) before it steps alone:
+# a swarm whose rounds keep failing must still move. A lone step then forks, and the fork choice heals it.
+MAX_EXTENSIONS = 2
 
 
 class OuterRound:
@@ -145,7 +164,7 @@ class OuterRound:
         began = time.perf_counter()
         r = _Round(epoch=self.state.epoch, deadline=time.monotonic() + self.timing.averaging_timeout)
         phases = (self.pseudo_gradient, self.check_agreement, self.wait_for_members, self.average,
-                  self.check_overtaken)
+                  self.check_overtaken, self.check_partners)
         outcome = None
         for phase in phases:
             r.facts = replace(phase(r), stop_requested=self.stop())
@@ -164,8 +183,8 @@ class OuterRound:
         return replace(r.facts, finite=all(bool(torch.isfinite(d).all()) for d in self.outer.delta))
 
     def check_agreement(self, r: _Round) -> RoundFacts:
-        r.agreement = self.swarm.agreement(epoch=r.epoch, my_hash=self.state.param_sha256)
-        return replace(r.facts, agrees=r.agreement.mine_agrees)
+        r.verdict = self.swarm.verdict()
+        return replace(r.facts, agrees=not r.verdict.forked)
 
     def wait_for_members(self, r: _Round) -> RoundFacts:
         """Tell the others this worker is ready, then wait (bounded) for the peers still in their inner
@@ -215,7 +234,13 @@ class OuterRound:
             if took or time.monotonic() >= r.deadline:
                 break
             time.sleep(0.5)  # the newest state is offered a moment after its round ends
-        return replace(r.facts, swarm_ahead=True, took_swarm_state=took)
+        return replace(r.facts, swarm_ahead=True, took_swarm_state=took,
+                       may_extend=self.state.extensions < MAX_EXTENSIONS)
+
+    def check_partners(self, r: _Round) -> RoundFacts:
+        """No group formed: does any live peer still hold this theta_g (a failed attempt, a slower peer)?"""
+        return replace(r.facts, partners=self.swarm.partners(),
+                       may_extend=self.state.extensions < MAX_EXTENSIONS)
 
     # -- the end of the round ------------------------------------------------------------------
 
@@ -225,8 +250,8 @@ class OuterRound:
             outcome=outcome, epoch=r.epoch, group_size=result.group_size,
             expected_peers=r.members.ready if r.members else 1, allreduce_s=result.allreduce_s,
             bytes_sent=result.bytes_sent, bytes_received=result.bytes_received,
-            failures=tuple(result.failures[-3:]), group=tuple(result.peer_ids), agreement=r.agreement,
-            swarm_epoch=r.swarm_epoch,
+            failures=tuple(result.failures[-3:]), group=tuple(result.peer_ids), verdict=r.verdict,
+            swarm_epoch=r.swarm_epoch, total_weight=result.total_weight,
         )
 
     def _finish(self, report: RoundReport, *, began: float) -> None:
@@ -241,6 +266,8 @@ class OuterRound:
             self.state.restart()
         elif report.outcome is Outcome.DESYNC:
             self._desync(report)
+        elif report.outcome is Outcome.EXTENDED:
+            self._extend(report)
         elif report.outcome is Outcome.OVERTAKEN:
             notice(f"[yellow]the swarm reached epoch {report.swarm_epoch} while this worker trained epoch "
                    f"{report.epoch}: took its state instead of a lone update[/]")
@@ -249,18 +276,30 @@ class OuterRound:
         # STOPPED: nothing; the checkpoint keeps the local model at step H and a restart redoes this step.
 
     def _desync(self, report: RoundReport) -> None:
-        a = report.agreement
-        assert a is not None
+        v = report.verdict
+        assert v is not None
+        tip = v.winner.tip
         self.state.in_sync = False
         self.swarm.publish(force=True)
         notice(
-            f"[bold red]theta_g at epoch {report.epoch} disagrees with the swarm ({a.votes} of {a.peers} "
-            f"peers hold {str(a.majority_hash)[:12]}, this peer {self.state.param_sha256[:12]}): "
-            "repairing from the swarm before contributing again[/]"
+            f"[bold red]theta_g at epoch {report.epoch} ({self.state.param_sha256[:12]}, "
+            f"{self.state.trained_tokens:,} tokens) is not on the swarm's lineage: {len(v.winner.holders)} of "
+            f"{v.heads} peers hold {tip.param_sha256[:12]} at epoch {tip.epoch} ({tip.trained_tokens:,} tokens); "
+            "fetching it before contributing again[/]"
         )
-        self.metrics.emit("desync", epoch=report.epoch, majority_hash=a.majority_hash, votes=a.votes,
-                          peers=a.peers, param_sha256=self.state.param_sha256)
+        self.metrics.emit("desync", epoch=report.epoch, majority_hash=tip.param_sha256, votes=len(v.winner.holders),
+                          peers=v.heads, target_epoch=tip.epoch, target_tokens=tip.trained_tokens,
+                          trained_tokens=self.state.trained_tokens, param_sha256=self.state.param_sha256)
         self.sync.withdraw()  # stop announcing a state the swarm does not hold
+
+    def _extend(self, report: RoundReport) -> None:
+        """No group, but peers hold this theta_g: keep the local model and its tokens, train one more phase."""
+        self.state.extend()
+        notice(f"[yellow]no group at the outer step of epoch {report.epoch} while peers hold the same theta_g: "
+               f"training on (extension {self.state.extensions} of {MAX_EXTENSIONS}) rather than fork the swarm[/]")
+        self.metrics.emit("round_extended", epoch=report.epoch, extensions=self.state.extensions,
+                          tokens=self.state.tokens, failures=list(report.failures))
+        self.swarm.publish(force=True)
 
     def _apply(self, report: RoundReport, *, began: float) -> None:
         """The outer step: on the group's average, or alone on this worker's own delta (DiLoCo, M=1)."""
@@ -269,7 +308,9 @@ class OuterRound:
         self.faults.after_outer_step(report.epoch + 1, self.outer.params)  # a no-op unless a test asks
         self.outer.copy_to(self.trainer.params)
         digest = param_sha256(dict(zip(self.names, self.outer.params, strict=True)))
-        self.state.advance(param_sha256=digest, group_size=report.group_size)
+        # The lineage's weight grows by what went into this step: the group's tokens, or this worker's alone.
+        round_tokens = int(report.total_weight) if report.group_size > 1 else tokens
+        self.state.advance(param_sha256=digest, group_size=report.group_size, round_tokens=round_tokens)
         self.swarm.publish(force=True)
         self.sync.offer()
         self.metrics.emit(

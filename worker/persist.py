@@ -53,8 +53,8 @@ class DiskState:
         }
         if self.device.type == "cuda":
             tensors["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.state.inner_step:
-            # Mid-round: the local model has moved away from theta_g and must be kept too.
+        if self.state.inner_step or self.state.extensions:
+            # Mid-round (or an extended round): the local model has moved away from theta_g; keep it too.
             local = zip(self.names, self.trainer.params, strict=True)
             tensors["local"] = {n: p.detach().cpu() for n, p in local}
         meta: dict[str, Any] = {
@@ -63,6 +63,10 @@ class DiskState:
             "inner_step": self.state.inner_step,
             "global_step": self.trainer.step_count,
             "round_tokens": self.state.tokens,
+            "extensions": self.state.extensions,
+            # theta_g's lineage (dht.lineage): what the fork choice compares it by.
+            "trained_tokens": self.state.trained_tokens,
+            "ancestry": list(self.state.ancestry),
             "data": self.data.state(),
             "inner_optimizer": inner_meta,
             # theta_g only changes at an outer step (or a fetch), which refreshes this hash: no second pass.
@@ -134,3 +138,7 @@ class DiskState:
                 torch.cuda.set_rng_state(state.tensors["rng"]["cuda"], self.device)
         self.state.epoch, self.state.inner_step = state.epoch, int(meta["inner_step"])
         self.state.tokens = int(meta["round_tokens"])
+        # Checkpoints written before lineages were recorded: no history, so the swarm's fork choice decides.
+        self.state.extensions = int(meta.get("extensions", 0))
+        self.state.trained_tokens = int(meta.get("trained_tokens", 0))
+        self.state.ancestry = tuple(str(a) for a in meta.get("ancestry", []))

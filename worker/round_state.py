@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from hivemind.utils import get_dht_time
 
+from dht.lineage import Head, extend_ancestry
 from dht.records import ProgressRecord
 
 NO_HASH = "0" * 64
@@ -42,17 +43,35 @@ class RoundState:
     """Epoch of the newest evaluation of theta_g this peer made (-1: none)."""
     eval_loss: float = float("nan")
     """Held-out loss of that evaluation."""
+    trained_tokens: int = 0
+    """Tokens trained into theta_g over its whole history: the weight of its lineage (``dht.lineage``)."""
+    ancestry: tuple[str, ...] = ()
+    """Hash prefixes of the states theta_g came from, newest first (``dht.lineage``)."""
+    extensions: int = 0
+    """Inner phases added to this round because its outer step found no group while peers of its state
+    were live: the local model trains on from where it is, and the next outer step averages all of it."""
 
     def restart(self) -> None:
         """Forget the current round's inner work (its steps, tokens and time): theta_g is what stands."""
-        self.inner_step, self.tokens, self.inner_s = 0, 0, 0.0
+        self.inner_step, self.tokens, self.inner_s, self.extensions = 0, 0, 0.0, 0
 
-    def advance(self, *, param_sha256: str, group_size: int) -> None:
-        """theta_g took the outer step of this round: the next round begins."""
+    def extend(self) -> None:
+        """The outer step found no group: one more inner phase, keeping the local model and its tokens."""
+        self.inner_step = 0
+        self.extensions += 1
+
+    def advance(self, *, param_sha256: str, group_size: int, round_tokens: int) -> None:
+        """theta_g took the outer step of this round (`round_tokens`: the group's tokens): the next begins."""
         self.epoch += 1
         self.restart()
+        self.ancestry = extend_ancestry(self.ancestry, self.param_sha256)
+        self.trained_tokens += round_tokens
         self.param_sha256 = param_sha256
         self.peers_seen = group_size
+
+    def head(self, peer_id: str) -> Head:
+        return Head(peer_id=peer_id, epoch=self.epoch, param_sha256=self.param_sha256,
+                    trained_tokens=self.trained_tokens, ancestry=self.ancestry)
 
     def record(self, *, peer_id: str, maddrs: list[str], origin: str) -> ProgressRecord:
         """The progress record this state publishes (strict types: the DHT's schema compares them exactly)."""
@@ -63,5 +82,6 @@ class RoundState:
             peer_id=peer_id, epoch=self.epoch, inner_step=self.inner_step,
             tokens_per_s=float(self.tokens_per_s), loss=float(loss), param_sha256=self.param_sha256,
             in_sync=self.in_sync, time=get_dht_time(), maddrs=maddrs, origin=origin,
-            eval_epoch=self.eval_epoch, eval_loss=float(eval_loss),
+            eval_epoch=self.eval_epoch, eval_loss=float(eval_loss), trained_tokens=int(self.trained_tokens),
+            ancestry=list(self.ancestry),
         )

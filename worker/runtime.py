@@ -442,8 +442,8 @@ class Worker:
                     break
                 report = self.round.run()
                 self._evaluate(report)
-                if report.outcome is Outcome.DESYNC and report.agreement is not None:
-                    self._repair_target = report.agreement.majority_hash
+                if report.outcome is Outcome.DESYNC and report.verdict is not None:
+                    self._repair_target = report.verdict.winner.tip.param_sha256
                 if not self.stop_requested and self.state.epoch % cfg.run.checkpoint_every == 0:
                     self.disk.save(background=cfg.run.background_checkpoints)
         finally:

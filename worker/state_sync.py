@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from averaging.outer import OuterOptimizer
 from checkpoints.transfer import FetchResult, StateTransferError
+from dht.lineage import ANCESTRY, PREFIX
 from worker.console import DownloadProgress, notice
 from worker.exchange import SharedState, StateExchange, describe
 from worker.faults import FaultPlan
@@ -58,6 +59,7 @@ class StateSync:
         shared = SharedState(
             epoch=self.state.epoch, global_step=self.trainer.step_count, param_sha256=self.state.param_sha256,
             params=dict(zip(self.names, self.outer.params, strict=True)), outer=self.outer.state_tensors(),
+            trained_tokens=self.state.trained_tokens, ancestry=self.state.ancestry,
         )
         self.exchange.offer(self.faults.offered(shared))
 
@@ -69,8 +71,8 @@ class StateSync:
 
     def catch_up(self, *, avoid_hash: str | None = None, wait_until: float | None = None) -> bool:
         """Load the state a majority of the swarm vouches for when it is ahead of this worker (or, with
-        `avoid_hash`, differs from it at the same epoch). Fetches again if the swarm moved on during a
-        download. True when a state was loaded."""
+        `avoid_hash`, the fork choice's winning tip, at any epoch, when this worker is on another lineage).
+        Fetches again if the swarm moved on during a download. True when a state was loaded."""
         fetched = False
         for _ in range(3):
             if self.stop():
@@ -90,6 +92,13 @@ class StateSync:
         """A worker whose theta_g disagreed fetches the reference state; until then it does not contribute."""
         deadline = time.monotonic() + self.settings.averaging_timeout * 2
         while not self.stop() and time.monotonic() < deadline:
+            if self.swarm.fork_target() is None:
+                # The winning lineage is this worker's own after all (its holders left, or the other
+                # lineage's peers repaired onto it): nothing to fetch.
+                notice(f"theta_g at epoch {self.state.epoch} is on the swarm's lineage: no repair needed")
+                self.state.in_sync = True
+                self.swarm.publish(force=True)
+                return
             if self.catch_up(avoid_hash=self.state.param_sha256):
                 notice(f"repaired: theta_g now matches the swarm at epoch {self.state.epoch}")
                 self.metrics.emit("repaired", epoch=self.state.epoch, param_sha256=self.state.param_sha256,
@@ -110,8 +119,11 @@ class StateSync:
             # Between two epochs, wait (a round's matchmaking at most, and never past `wait_until`) for the
             # swarm to settle on one.
             until = time.monotonic() + 2 * s.matchmaking_time + s.request_timeout
-            vouched = self.swarm.vouched_state(since=self.state.epoch, stop=self.stop,
-                                               until=until if wait_until is None else min(until, wait_until))
+            if avoid_hash is not None:  # a repair: the lineage the fork choice picks, at whatever epoch
+                vouched = self.swarm.fork_target()
+            else:
+                vouched = self.swarm.vouched_state(since=self.state.epoch, stop=self.stop,
+                                                   until=until if wait_until is None else min(until, wait_until))
             return self.exchange.fetch(vouched=vouched, newer_than=self.state.epoch,
                                        expect_shapes=self._expected_shapes(), timeout=s.fetch_timeout,
                                        avoid_hash=avoid_hash, progress=bar)
@@ -150,8 +162,20 @@ class StateSync:
         st.inner_step = min(self.swarm.round_position(epoch=st.epoch), self.settings.inner_steps - 1)
         self.trainer.step_count = step + st.inner_step
         st.param_sha256, st.in_sync = result.param_sha256, True
+        st.trained_tokens, st.ancestry = _lineage(result.meta)
         # It joins them: look for a group next round.
         st.peers_seen = max(st.peers_seen, len(result.donors) + 1)
         # Stored before training on: the round's members count who is in it from the board, and a newcomer
         # that joins late in a round reaches the outer step within a few inner steps.
         self.swarm.publish(force=True, wait=True)
+
+
+def _lineage(meta: dict[str, object]) -> tuple[int, tuple[str, ...]]:
+    """The fetched state's lineage (``dht.lineage``) from its donors' metadata; nothing when malformed."""
+    tokens, ancestry = meta.get("trained_tokens", 0), meta.get("ancestry", [])
+    if not (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0):
+        tokens = 0
+    if not (isinstance(ancestry, list) and len(ancestry) <= ANCESTRY
+            and all(isinstance(a, str) and len(a) == PREFIX for a in ancestry)):
+        ancestry = []
+    return tokens, tuple(ancestry)

@@ -16,7 +16,8 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from dht.board import PROGRESS, SignedBoard
-from dht.records import RECORD_TTL, Agreement, ProgressRecord, check_agreement, vouched_state
+from dht.lineage import Verdict, fork_choice
+from dht.records import RECORD_TTL, ProgressRecord, vouched_state
 from worker.round_state import RoundState
 
 logger = logging.getLogger(__name__)
@@ -173,5 +174,18 @@ class SwarmView:
             self._keep_alive()
             time.sleep(0.3)
 
-    def agreement(self, *, epoch: int, my_hash: str) -> Agreement:
-        return check_agreement(self.others(), epoch=epoch, my_peer_id=self.peer_id, my_hash=my_hash)
+    def verdict(self) -> Verdict:
+        """Where this peer's theta_g stands against the fork choice over every live in-sync peer of the run,
+        whatever their epochs (``dht.lineage``)."""
+        heads = [r.head() for r in self._fresh_in_sync()]
+        return fork_choice(heads, mine=self.state.head(self.peer_id))
+
+    def fork_target(self) -> tuple[int, str] | None:
+        """The (epoch, hash) of the winning lineage's tip when this peer is on another one; else None."""
+        verdict = self.verdict()
+        return verdict.winner.tip.state if verdict.forked else None
+
+    def partners(self) -> int:
+        """Live in-sync peers holding this peer's theta_g at its epoch: those it could still average with."""
+        mine = (self.state.epoch, self.state.param_sha256)
+        return sum(1 for r in self._fresh_in_sync() if (r.epoch, r.param_sha256) == mine)
