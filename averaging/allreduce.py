@@ -65,7 +65,15 @@ _RECEIVE_WINDOW_LANES = 2
 
 
 class AllReduceFailed(AllreduceException):
-    """This attempt did not produce a complete, reducer-issued result on this member."""
+    """This attempt did not produce a complete, reducer-issued result on this member.
+
+    ``blamed`` names the members this member saw cause it: silent past a timeout, or breaking the protocol.
+    A member whose stream merely ended is not blamed: that is what an innocent member whose own attempt
+    failed does, and blaming it would split the survivors of one dead peer."""
+
+    def __init__(self, message: str, *, blamed: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.blamed = tuple(blamed)
 
 
 class _ReducedChunk:
@@ -313,7 +321,7 @@ class IdenticalAllReduce:
                     ) from None
                 except TimeoutError:
                     raise AllReduceFailed(
-                        f"reducer {peer} sent nothing for {self._reducer_timeout}s"
+                        f"reducer {peer} sent nothing for {self._reducer_timeout}s", blamed=[str(peer)]
                     ) from None
                 payload = self._check_message(message, averaging_pb2.AVERAGED_PART, index, end - start, peer)
                 self.bytes_received += len(payload)
@@ -350,18 +358,21 @@ class IdenticalAllReduce:
                 name = averaging_pb2.MessageCode.Name(message.code)
             except ValueError:
                 name = f"code {message.code}"
+            # A member whose own attempt failed says so (CANCELLED, INTERNAL_ERROR...): not its fault here.
             raise AllReduceFailed(f"{peer} sent {name}")
+        blamed = [str(peer)]
         if expected_code == averaging_pb2.PART_FOR_AVERAGING and message.group_id != self.group_id:
-            raise AllReduceFailed(f"{peer} sent a part for another group")
+            raise AllReduceFailed(f"{peer} sent a part for another group", blamed=blamed)
         part = message.tensor_part
         if part.dtype != self._codec.wire_name or list(part.size) != [numel] or part.compression:
             raise AllReduceFailed(
-                f"{peer} sent a part with dtype={part.dtype!r} size={list(part.size)}, expected {numel}"
+                f"{peer} sent a part with dtype={part.dtype!r} size={list(part.size)}, expected {numel}",
+                blamed=blamed,
             )
         if part.chunks != index:
-            raise AllReduceFailed(f"{peer} sent chunk {part.chunks} where chunk {index} was due")
+            raise AllReduceFailed(f"{peer} sent chunk {part.chunks} where chunk {index} was due", blamed=blamed)
         if len(part.buffer) != self._codec.encoded_nbytes(numel):
-            raise AllReduceFailed(f"{peer} sent {len(part.buffer)} bytes for {numel} values")
+            raise AllReduceFailed(f"{peer} sent {len(part.buffer)} bytes for {numel} values", blamed=blamed)
         return part.buffer
 
     # ---------------------------------------------------------------- reducer side
@@ -434,7 +445,7 @@ class IdenticalAllReduce:
         except TimeoutError:
             missing = sorted({str(self.peer_ids[sender]) for sender, _ in self._unstarted})
             raise AllReduceFailed(
-                f"members {missing} did not start sending within {self._sender_timeout}s"
+                f"members {missing} did not start sending within {self._sender_timeout}s", blamed=missing
             ) from None
 
     async def _receive_from(
@@ -455,7 +466,7 @@ class IdenticalAllReduce:
                     f"{peer} stopped after {received} of {len(chunks)} chunks of lane {lane}"
                 ) from None
             except TimeoutError:
-                raise AllReduceFailed(f"{peer} sent nothing for {self._sender_timeout}s") from None
+                raise AllReduceFailed(f"{peer} sent nothing for {self._sender_timeout}s", blamed=[str(peer)]) from None
             payload = self._check_message(message, averaging_pb2.PART_FOR_AVERAGING, index, end - start, peer)
             self.bytes_received += len(payload)
             values = await loop.run_in_executor(None, self._codec.decode, payload, end - start)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -85,6 +86,7 @@ class _RoundProgress:
     matchmaking_s: float = 0.0  # all matchmaking attempts, retry pauses included
     attempts: int = 0  # failed attempts
     failures: list[str] = field(default_factory=list)  # the last _MAX_FAILURES_KEPT reasons
+    blamed: list[str] = field(default_factory=list)  # members a failed attempt named as its cause, oldest first
 
     def failed(self, reason: str) -> None:
         self.attempts += 1
@@ -248,7 +250,7 @@ class RoundBackend(DecentralizedAverager):
                 self._matchmaking.target_group_size = target_group_size
                 self._round_ticket = ticket  # read by rpc_join_group while this round looks for a group
                 try:
-                    await self._attempt_until_done(step, ticket, progress)
+                    await self._attempt_until_done(step, progress)
                 finally:
                     self._round_ticket = None
         except Exception as e:
@@ -261,16 +263,30 @@ class RoundBackend(DecentralizedAverager):
         finally:
             step.stage = AveragingStage.FINISHED
 
-    async def _attempt_until_done(
-        self, step: StepControl, ticket: RoundTicket, progress: _RoundProgress
-    ) -> None:
-        """Look for a group and average in it, again after each failure, until done or past the deadline."""
+    async def _attempt_until_done(self, step: StepControl, progress: _RoundProgress) -> None:
+        """Look for a group and average in it, again after each failure, until done or past the deadline.
+
+        A retry leaves out the members a failed attempt blamed (``AllReduceFailed.blamed``): they go into
+        this peer's ticket, and no leader groups a peer with one it blames (``_refuses``), so one flaky
+        peer cannot fail every attempt of the round."""
         while not step.done():
             if get_dht_time() >= step.deadline:
                 raise AllreduceException(f"deadline passed after {progress.attempts} failed attempts")
             group_info = await self._find_group(step, progress)
             if group_info is not None:
-                await self._attempt(step, group_info, ticket, progress)
+                await self._attempt(step, group_info, self._round_ticket, progress)
+                self._exclude_blamed(step, progress)
+
+    def _exclude_blamed(self, step: StepControl, progress: _RoundProgress) -> None:
+        ticket = self._round_ticket
+        if step.done() or ticket is None or set(progress.blamed) <= set(ticket.excluded):
+            return
+        ticket = dataclasses.replace(ticket, excluded=tuple(progress.blamed))
+        self._round_ticket = ticket
+        # What matchmaking sends to leaders and gathers for the group: hivemind reads it from the step at
+        # each join request (its copy in this process; the parent never reads it back).
+        step._data_for_gather = ticket.to_bytes()
+        logger.info(f"retrying without {len(progress.blamed)} blamed member(s): {', '.join(progress.blamed)}")
 
     async def _find_group(self, step: StepControl, progress: _RoundProgress) -> GroupInfo | None:
         """A group for the next attempt; None after a failed matchmaking (the caller retries).
@@ -308,6 +324,9 @@ class RoundBackend(DecentralizedAverager):
             step.set_result(stats)
         except Exception as e:
             progress.failed(f"group of {group_info.group_size}: {e!r}")
+            for peer in getattr(e, "blamed", ()):
+                if peer != str(self.peer_id) and peer not in progress.blamed:
+                    progress.blamed.append(peer)
             logger.info(f"averaging attempt in a group of {group_info.group_size} failed: {e!r}")
             await asyncio.sleep(_RETRY_PAUSE_S)
 
@@ -347,7 +366,8 @@ class RoundBackend(DecentralizedAverager):
     async def _allreduce(self, group_info: GroupInfo, ticket: RoundTicket) -> dict[str, Any]:
         """One attempt in an assembled group; returns statistics, raises on any failure."""
         tickets = [RoundTicket.from_bytes(data) for data in group_info.gathered]
-        check_group(tickets, ticket)  # every member takes the same decision from the same tickets
+        # Every member takes the same decision from the same tickets.
+        check_group(tickets, ticket, [str(peer_id) for peer_id in group_info.peer_ids])
         partition = Partition.build(
             self.total_numel, [int(t.accepts_connections) for t in tickets],
             chunk_numel=self.settings.chunk_numel,
@@ -415,9 +435,40 @@ class RoundBackend(DecentralizedAverager):
         round's result). The raised target holds for the rest of the round (bounded by
         ``matchmaking_time`` per attempt, as without a target).
         """
+        reason = self._refuses(request, context)
+        if reason is not None:
+            logger.info(f"not grouping with {context.remote_id}: {reason}")
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.GROUP_IS_FULL)
+            return
         self._adopt_group_target(request)
         async for message in self._matchmaking.rpc_join_group(request, context):
             yield message
+
+    def _refuses(self, request: averaging_pb2.JoinRequest, context: P2PContext) -> str | None:
+        """Why this leader will not take the requester into its group this round (None: hivemind decides).
+
+        Blame goes both ways: a leader does not take a peer it blames, a peer that blames the leader or any
+        member already in, or a peer that a member already in blames."""
+        mine = self._round_ticket
+        if mine is None:
+            return None
+        try:
+            theirs = RoundTicket.from_bytes(request.gather)
+        except RoundMismatch:
+            return None  # refused later by check_group, with everyone else
+        requester = str(context.remote_id)
+        if mine.excludes(requester):
+            return "this peer blames it for a failed attempt of this round"
+        members = {str(self.peer_id): mine}
+        for peer, join in self._matchmaking.current_followers.items():
+            with contextlib.suppress(RoundMismatch):
+                members[str(peer)] = RoundTicket.from_bytes(join.gather)
+        for member, ticket in members.items():
+            if theirs.excludes(member):
+                return f"it blames member {member} for a failed attempt of this round"
+            if ticket.excludes(requester):
+                return f"member {member} blames it for a failed attempt of this round"
+        return None
 
     def _adopt_group_target(self, request: averaging_pb2.JoinRequest) -> None:
         matchmaking, mine = self._matchmaking, self._round_ticket

@@ -22,10 +22,11 @@ two different results, so a group that mixed them would leave its members disagr
 while each believed it had averaged.
 
 The ticket also carries the peer's averaging weight (tokens processed), whether the
-peer accepts incoming connections (reducers must), and the group size at which the peer
+peer accepts incoming connections (reducers must), the group size at which the peer
 would start the all-reduce at once (``group_target``): a leader that counted fewer
 members than a follower knows of waits for the larger group (see
-``backend.RoundBackend.rpc_join_group``).
+``backend.RoundBackend.rpc_join_group``), and the peers it blames for this round's failed
+attempts (``excluded``): no leader puts it in a group with them again this round.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ from dataclasses import dataclass
 
 import msgpack
 
-TICKET_VERSION = 3
+TICKET_VERSION = 4
 _MAX_TICKET_BYTES = 4096
 _MAX_GROUP_TARGET = 2**16
+# At most this many blamed peers travel in a ticket (the most recent): a peer id is about 52 characters.
+_MAX_EXCLUDED = 16
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -84,6 +87,7 @@ class RoundTicket:
     schema: bytes
     accepts_connections: bool
     group_target: int = 0  # start at once with this many members; 0: wait the whole matchmaking window
+    excluded: tuple[str, ...] = ()  # peer ids this peer blames for a failed attempt of this round
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(
@@ -97,6 +101,7 @@ class RoundTicket:
                 self.schema,
                 self.accepts_connections,
                 self.group_target,
+                list(self.excluded[-_MAX_EXCLUDED:]),
             ],
             use_bin_type=True,
         )
@@ -110,9 +115,9 @@ class RoundTicket:
             fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except Exception as e:
             raise RoundMismatch(f"undecodable ticket: {e!r}") from None
-        if not isinstance(fields, list) or len(fields) != 9 or fields[0] != TICKET_VERSION:
+        if not isinstance(fields, list) or len(fields) != 10 or fields[0] != TICKET_VERSION:
             raise RoundMismatch("unknown ticket format")
-        _, run_id, epoch, state, weight, codec, schema, accepts, group_target = fields
+        _, run_id, epoch, state, weight, codec, schema, accepts, group_target, excluded = fields
         if isinstance(weight, int) and not isinstance(weight, bool):
             weight = float(weight)
         if not (
@@ -129,13 +134,22 @@ class RoundTicket:
             and isinstance(group_target, int)
             and not isinstance(group_target, bool)
             and 0 <= group_target <= _MAX_GROUP_TARGET
+            and isinstance(excluded, list)
+            and len(excluded) <= _MAX_EXCLUDED
+            and all(isinstance(peer, str) and 0 < len(peer) <= 128 for peer in excluded)
         ):
             raise RoundMismatch("ticket fields have wrong types or values")
-        return cls(run_id, epoch, state, weight, codec, schema, accepts, group_target)
+        return cls(run_id, epoch, state, weight, codec, schema, accepts, group_target, tuple(excluded))
+
+    def excludes(self, peer_id: str) -> bool:
+        return peer_id in self.excluded
 
 
-def check_group(tickets: Sequence[RoundTicket], mine: RoundTicket) -> None:
-    """Raise ``RoundMismatch`` unless every member is in our run, epoch, state, codec and schema."""
+def check_group(
+    tickets: Sequence[RoundTicket], mine: RoundTicket, peer_ids: Sequence[str] | None = None
+) -> None:
+    """Raise ``RoundMismatch`` unless every member is in our run, epoch, state, codec and schema, and (given
+    the members' `peer_ids`, in the tickets' order) no member blames another for this round's failures."""
     for index, ticket in enumerate(tickets):
         theirs = (ticket.run_id, ticket.epoch, ticket.state, ticket.codec, ticket.schema)
         ours = (mine.run_id, mine.epoch, mine.state, mine.codec, mine.schema)
@@ -146,6 +160,11 @@ def check_group(tickets: Sequence[RoundTicket], mine: RoundTicket) -> None:
                 f"we are at run={mine.run_id!r} epoch={mine.epoch} state={mine.state[:12]!r} "
                 f"codec={mine.codec} (or schemas differ)"
             )
+    if peer_ids is not None:
+        for ticket, blamer in zip(tickets, peer_ids, strict=True):
+            blamed = [p for p in peer_ids if ticket.excludes(p)]
+            if blamed:
+                raise RoundMismatch(f"member {blamer} blames member {blamed[0]} for a failed attempt of this round")
     if not any(ticket.accepts_connections for ticket in tickets):
         raise RoundMismatch("no member of the group accepts connections, nobody can reduce")
     if sum(ticket.weight for ticket in tickets) <= 0:
