@@ -98,10 +98,15 @@ def test_survivors_finish_the_round_when_a_peer_is_killed_mid_round(tmp_path: Pa
         assert proc.wait(timeout=240) == 0
     survivors = dirs[:2]
     table = hashes_by_epoch(survivors)
-    for epoch in (4, 5):  # the rounds after the kill: both survivors, same hash, averaged together
+    # The round of the kill and the rounds after it: both survivors end each together, with one hash. The
+    # round the victim died in is not left to each survivor alone (that forked the swarm N ways).
+    for epoch in (3, 4, 5):
         assert len(set(table[epoch].values())) == 1, table[epoch]
         assert all(r["group_size"] == 2
-                   for d in survivors for r in events(d, "outer_step") if r["epoch"] == epoch)
+                   for d in survivors for r in events(d, "outer_step") if r["epoch"] == epoch), epoch
+    for d in survivors:
+        assert not events(d, "desync") and not [r for r in events(d, "state_loaded") if r["source"] == "peer"
+                                                 and r["epoch"] > 2]
     for d in survivors:
         assert all(r["param_sha256"] and r["blocked_s"] < 60 for r in events(d, "outer_step"))
 
@@ -221,4 +226,36 @@ def test_a_peer_whose_params_disagree_detects_it_and_repairs_from_the_swarm(
     for epoch in range(loaded["epoch"] + 1, 7):
         assert len(set(table[epoch].values())) == 1 and len(table[epoch]) == 3, (epoch, table[epoch])
         assert all(r["group_size"] == 3 for d in dirs for r in events(d, "outer_step") if r["epoch"] == epoch)
+    assert not events(dirs[0], "desync") and not events(dirs[1], "desync")
+
+
+@pytest.mark.slow
+def test_a_peer_that_went_ahead_alone_rejoins_the_swarms_lineage(tmp_path: Path, procs: list) -> None:
+    """A peer that stepped alone beside its group (its failed round, as the fault plan makes it) is a
+    lineage of its own, ahead of the swarm for a while; the fork choice (dht.lineage) brings it back."""
+    from tests.helpers import worker_env
+
+    dirs = [tmp_path / f"w{i}" for i in range(3)]
+    common = [*SWARM, "--min-peers", "3", "--max-epochs", "6"]
+    procs.append(start_worker(dirs[0], *common))
+    entry = join_args(dirs[0])
+    procs.append(start_worker(dirs[1], *common, *entry))
+    # The third peer is also the fastest (a quarter of the batch): the others' rounds do not hold it back.
+    procs.append(start_worker(dirs[2], *common, *entry, "--batch-size", "1",
+                              env=worker_env(DILOCO_FAULT="step_alone@2")))
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0
+    ahead = {r["epoch"]: r for r in events(dirs[2], "outer_step")}
+    group = {r["epoch"]: r for r in events(dirs[0], "outer_step")}
+    # It stepped alone at epoch 2 and reached epoch 3 first, on a theta_g nobody else holds.
+    assert ahead[3]["group_size"] == 1 and ahead[3]["time"] < group[3]["time"]
+    assert group[3]["group_size"] == 2 and ahead[3]["param_sha256"] != group[3]["param_sha256"]
+    # It found itself off the swarm's lineage (the group's tokens beat its own), fetched the group's state...
+    desync = events(dirs[2], "desync")
+    assert desync and desync[0]["target_tokens"] > desync[0]["trained_tokens"], desync
+    assert events(dirs[2], "repaired")
+    # ...and the rounds after that are again one group of three with one hash; the group never moved.
+    table = hashes_by_epoch(dirs)
+    for epoch in (5, 6):
+        assert len(set(table[epoch].values())) == 1 and len(table[epoch]) == 3, (epoch, table[epoch])
     assert not events(dirs[0], "desync") and not events(dirs[1], "desync")

@@ -12,6 +12,9 @@ is an epoch (``perturb_params@2``) or an epoch and every later one (``forge_offe
 - ``forge_offer@E``: the state this worker offers at epoch E is forged: other parameters, a
   far-future epoch, and the hash of those parameters, so that the offer is self-consistent and
   signed, as a malicious peer would make it.
+- ``step_alone@E``: at the outer step of epoch E, apply this worker's own pseudo-gradient at once,
+  without looking for a group or at who else holds its theta_g: a peer whose failed round left it
+  on a lineage of its own, ahead of the swarm.
 - ``kill_checkpoint@PHASE``: SIGKILL this process when a checkpoint save reaches PHASE (one of
   ``checkpoints.CHECKPOINT_PHASES``): what a power cut or the OOM killer leaves on disk.
 """
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
 ENV_VAR = "DILOCO_FAULT"
 # How far ahead a forged offer claims to be.
 FORGED_EPOCHS_AHEAD = 1000
-ROUND_SEAMS = ("perturb_params", "forge_offer")
+ROUND_SEAMS = ("perturb_params", "forge_offer", "step_alone")
 SEAMS = (*ROUND_SEAMS, "kill_checkpoint")
 
 

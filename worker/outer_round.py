@@ -165,6 +165,8 @@ class OuterRound:
         r = _Round(epoch=self.state.epoch, deadline=time.monotonic() + self.timing.averaging_timeout)
         phases = (self.pseudo_gradient, self.check_agreement, self.wait_for_members, self.average,
                   self.check_overtaken, self.check_partners)
+        if self.faults.strikes("step_alone", r.epoch):  # a no-op unless a test asks
+            phases = (self.pseudo_gradient, self.check_agreement, self._fault_alone)
         outcome = None
         for phase in phases:
             r.facts = replace(phase(r), stop_requested=self.stop())
@@ -236,6 +238,10 @@ class OuterRound:
             time.sleep(0.5)  # the newest state is offered a moment after its round ends
         return replace(r.facts, swarm_ahead=True, took_swarm_state=took,
                        may_extend=self.state.extensions < MAX_EXTENSIONS)
+
+    def _fault_alone(self, r: _Round) -> RoundFacts:
+        """The ``step_alone`` seam (worker.faults): no group, nobody ahead, nobody else of this lineage."""
+        return replace(r.facts, group_size=1, swarm_ahead=False, partners=0)
 
     def check_partners(self, r: _Round) -> RoundFacts:
         """No group formed: does any live peer still hold this theta_g (a failed attempt, a slower peer)?"""

@@ -186,6 +186,9 @@ class SwarmView:
         return verdict.winner.tip.state if verdict.forked else None
 
     def partners(self) -> int:
-        """Live in-sync peers holding this peer's theta_g at its epoch: those it could still average with."""
-        mine = (self.state.epoch, self.state.param_sha256)
-        return sum(1 for r in self._fresh_in_sync() if (r.epoch, r.param_sha256) == mine)
+        """Live in-sync peers of this peer's lineage that are not past it: those holding its theta_g, and
+        those on an earlier state of its chain (slower, or catching up). They will average with it next
+        round, so a lone step now would only fork the swarm."""
+        mine = self.state.head(self.peer_id)
+        heads = [r.head() for r in self._fresh_in_sync()]
+        return sum(1 for h in heads if h.state == mine.state or mine.descends_from(h))
