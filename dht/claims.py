@@ -67,7 +67,8 @@ class ShardClaims(Protocol):
 
 class MemoryClaims:
     """The board of a worker alone (no DHT, or the held-out split read alike by every peer): it wins
-    every claim; its facts live as long as the process (the worker's data state carries what a resume needs)."""
+    every claim; its facts live as long as the process (the worker's data state carries what a resume
+    needs)."""
 
     def __init__(self, *, peer: str) -> None:
         self.peer = peer
@@ -102,7 +103,8 @@ def parse_view(entries: dict[Any, Any], now: float) -> PassView:
     claims: dict[int, list[tuple[float, str]]] = {}
     for subkey, entry in entries.items():
         value = getattr(entry, "value", None)
-        if not isinstance(subkey, str) or not isinstance(value, dict) or getattr(entry, "expiration_time", 0) <= now:
+        live = getattr(entry, "expiration_time", 0) > now
+        if not isinstance(subkey, str) or not isinstance(value, dict) or not live:
             continue
         parts = subkey.split(":", 2)
         try:

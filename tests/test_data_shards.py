@@ -40,7 +40,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[hivemi
     a = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                      record_validators=run_validators("run", load_or_create_record_key(keys / "a.key")))
     try:
-        b = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=a.get_visible_maddrs(),
+        b = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                         initial_peers=a.get_visible_maddrs(),
                          record_validators=run_validators("run", load_or_create_record_key(keys / "b.key")))
         try:
             yield a, b
