@@ -36,7 +36,6 @@ from worker.data import ByteTokenizer, PackedBatches, open_stream  # noqa: E402
 from worker.model import build_model  # noqa: E402
 from worker.train import InnerTrainer  # noqa: E402
 
-
 # --quick passes only below this held-out loss. A uniform guess over the 259 byte tokens scores ln 259 = 5.56
 # and the untrained tiny model about the same; 20 quick steps reach 3.6 (data parallel) and 3.9 (DiLoCo).
 QUICK_MAX_LOSS = 4.6
