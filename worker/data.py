@@ -1,10 +1,11 @@
 """Training data: tokenizers, document sources, and packing into fixed-length batches.
 
-Each worker reads a different part of the data: its position in a source is
-seeded by its peer identity (``shard_key``), so two workers of the same run see
-different documents at the same time. A stream's ``state()`` is small and
-msgpack-serialisable; ``load_state()`` continues exactly where it stopped, so a
-restarted worker neither repeats nor skips data.
+Each worker reads a different part of the data. A Hugging Face / local dataset is cut into fine shards
+that workers lease through the DHT (dht/claims.py, see HFSource): their records are disjoint, for any
+number of workers. The embedded corpus is not leased: a worker's start in its order is seeded by its peer
+identity (``shard_key``), so two workers most likely read different documents at the same time. A
+stream's ``state()`` is small and msgpack-serialisable; ``load_state()`` continues exactly where it
+stopped, so a restarted worker neither repeats nor skips data.
 
 A mixture (``--dataset a:0.7,b:0.3``) is mixed at the level of packed sequences: every source packs its own
 token stream, and each row of a batch comes from one source drawn by a hash of (seed, shard_key, row
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dht.claims import MemoryClaims, PassView, ShardClaims
 from worker.config import DataConfig
 from worker.console import one_line
 from worker.errors import WorkerError
@@ -157,8 +159,9 @@ class EmbeddedCorpus:
         self._consumed = int(state["consumed"])
 
 
-# Interleaved slices of a Hugging Face / local dataset that workers spread over (see HFSource).
-VIRTUAL_SHARDS = 8
+# Interleaved slices per file when a dataset has few files: a dataset is cut into at least MIN_SHARDS shards
+# (files, or slices of files), so that many workers find one each (see HFSource).
+MIN_SHARDS = 32
 
 # One record in HELD_OUT_EVERY (by a hash of its text) is the eval split of a Hugging Face / local dataset.
 HELD_OUT_EVERY = 50
@@ -213,71 +216,136 @@ def _open_hf(name: str, config: str | None) -> Any:
 class HFSource:
     """A Hugging Face dataset (streamed) or local text/jsonl/parquet files, read through `datasets`.
 
-    The position is (pass, block, records of the block already given, datasets' state at the block's start):
-    a resumed source reads its block again, shuffles it the same way and skips what was given, so it
-    continues exactly, the held-out filter included (a block is SHUFFLE_BLOCK records before filtering).
+    The dataset is cut into ``n_shards`` fine shards: its files (datasets' ``n_shards``), each cut into
+    interleaved slices when there are fewer than MIN_SHARDS files. Every pass over the data visits the
+    shards in a run-wide shuffled order, each worker starting at its own offset in it, and a worker reads
+    only a shard it holds a lease on (``claims``, dht/claims.py): the workers of a run read disjoint shards,
+    for any number of them, and together cover a pass before any starts the next. A worker that finds no
+    free shard in its pass (all done or held) goes on to the next pass. Without a DHT (``claims`` None) the
+    worker is alone and reads every shard in turn.
+
+    The position is (pass, shards this worker finished in it, its shard, block, records of the block
+    already given, datasets' state at the block's start): a resumed source claims its shard again (its
+    own lease, or one that expired), reads its block again, shuffles it the same way and skips what was
+    given, so it continues exactly, the held-out filter included (a block is SHUFFLE_BLOCK records before
+    filtering). A shard whose holder died is free once its lease expires; whoever claims it next continues
+    from the start of the block its holder last published (so at most one block is read twice). A resumed
+    worker whose shard was taken over meanwhile leaves it to its new holder and claims another.
     """
 
     def __init__(self, *, name: str, config: str | None, text_field: str, shard_key: str, seed: int,
-                 split: str = "train") -> None:
-        # The records are cut into VIRTUAL_SHARDS interleaved slices. A worker reads slice (r + pass) on each
-        # pass over the data, r seeded by its identity: at any time two workers most likely read disjoint
-        # records (even from a single file), and a lone worker still covers everything over its passes.
+                 split: str = "train", claims: ShardClaims | None = None) -> None:
         self._base = _open_hf(name, config)
-        self._rank = shard_offset(shard_key, VIRTUAL_SHARDS)
+        self._files = max(int(getattr(self._base, "n_shards", 1) or 1), 1)
+        self._slices = -(-MIN_SHARDS // self._files)  # 1 when there are MIN_SHARDS files or more
+        self.n_shards = self._files * self._slices
         self._seed = seed
         self._held_out = split == "eval"
         self._text_field = text_field
         self._name = name
-        self._start_pass(0)
+        self._claims: ShardClaims = claims if claims is not None else MemoryClaims(peer=shard_key)
+        self._offset = shard_offset(shard_key, self.n_shards)
+        # Names the dataset's leases: the same on every peer of the run that reads the same data.
+        self._space_id = hashlib.sha256(f"{name}|{config}|{split}|{self.n_shards}".encode()).hexdigest()[:16]
+        self._pass, self._done = 0, []
+        self._shard: int | None = None
+        self._holding = False  # whether this worker holds a lease on self._shard
+        self._block, self._given, self._block_start = 0, 0, None
 
-    def _start_pass(self, data_pass: int) -> None:
+    def _space(self) -> str:
+        return f"{self._space_id}_{self._pass}"
+
+    def _order(self) -> list[int]:
+        """This pass's shards in this worker's order: a run-wide shuffle, from this worker's offset on."""
+        order = np.random.default_rng([self._seed % (1 << 63), self._pass]).permutation(self.n_shards)
+        return [int(order[(self._offset + i) % self.n_shards]) for i in range(self.n_shards)]
+
+    def _free(self, shard: int, view: PassView) -> bool:
+        # A shard this worker marked done but did not finish in its current state (it crashed after the
+        # checkpoint): its reading was lost with the crash, so it is this worker's to read again.
+        me = self._claims.peer
+        if shard in self._done or view.done.get(shard, me) != me:
+            return False
+        return view.holders.get(shard, me) == me
+
+    def _take_shard(self) -> None:
+        """Hold a shard: the resumed one if it is still this worker's to take, else the first free one."""
+        resumed = self._shard
+        while True:
+            space = self._space()
+            view = self._claims.view(space)
+            if resumed is not None and self._free(resumed, view) and self._claims.claim(space, resumed):
+                self._holding = True
+                return
+            resumed = None
+            for shard in self._order():
+                if self._free(shard, view) and self._claims.claim(space, shard):
+                    self._shard, self._holding = shard, True
+                    self._block, self._given, self._block_start = 0, 0, None
+                    peer, position = view.positions.get(shard, (self._claims.peer, None))
+                    if peer != self._claims.peer and isinstance(position, dict):  # its holder died
+                        self._block, self._block_start = int(position["block"]), position["hf"]
+                    return
+            self._pass, self._done, self._shard = self._pass + 1, [], None
+
+    def _shard_dataset(self, shard: int) -> Any:
         from datasets.distributed import split_dataset_by_node
 
-        self._dataset = split_dataset_by_node(self._base, rank=(self._rank + data_pass) % VIRTUAL_SHARDS,
-                                              world_size=VIRTUAL_SHARDS)
-        # The same file order on every worker and pass, seeded by the run (datasets shuffles the files by
-        # the epoch, before the split): the slices stay disjoint between workers and together cover the data
-        # over VIRTUAL_SHARDS passes. Records are shuffled by blocks (see _blocks).
-        self._dataset.set_epoch(1 + self._seed % (1 << 62))
-        self._pass, self._block, self._given = data_pass, 0, 0
-        self._block_start = self._dataset.state_dict()
+        file, part = divmod(shard, self._slices)
+        dataset = self._base.shard(num_shards=self._files, index=file) if self._files > 1 else self._base
+        if self._slices > 1:
+            dataset = split_dataset_by_node(dataset, rank=part, world_size=self._slices)
+        return dataset
 
     def __iter__(self) -> Iterator[str]:
-        empty_passes = 0
+        dry = 0  # shards read in a row that held no record of this split
         while True:
-            empty = True
-            for text in self._blocks():
-                empty = False
+            if not self._holding:
+                self._take_shard()
+            given = False
+            for text in self._read_shard():
+                given = True
                 yield text
-            # A slice of a tiny dataset may be empty; only a whole round of empty slices means no data.
-            empty_passes = empty_passes + 1 if empty else 0
-            if empty_passes >= VIRTUAL_SHARDS:
+            dry = 0 if given else dry + 1
+            if dry >= self.n_shards:
                 if self._held_out:
                     raise DataError(f"dataset {self._name!r} has no held-out records (1 in {HELD_OUT_EVERY} "
                                     "by a hash of the text) for the eval split: give more data or "
                                     "--eval-every 0")
                 raise DataError(f"dataset {self._name!r} is empty")
-            self._start_pass(self._pass + 1)
 
-    def _blocks(self) -> Iterator[str]:
-        """The rest of the current pass: this split's texts, block by block, each block in its own shuffled
-        order (seeded by run seed, pass and block, so the same on a resume)."""
-        records = self._records()
+    def _read_shard(self) -> Iterator[str]:
+        """The rest of the held shard: this split's texts, block by block, each block in its own shuffled
+        order (seeded by run seed, pass, shard and block, so the same on a resume); then marked done."""
+        space, shard = self._space(), self._shard
+        dataset = self._shard_dataset(shard)
+        if self._block_start is None:
+            self._block_start = dataset.state_dict()
+        else:
+            dataset.load_state_dict(self._block_start)
+        records = self._records(dataset)
         while True:
+            self._claims.publish_position(space, shard, {"block": self._block, "hf": self._block_start})
             texts, ended = self._read_block(records)
-            after = self._dataset.state_dict()
-            rng = np.random.default_rng([self._seed % (1 << 63), self._pass, self._block])
+            after = dataset.state_dict()
+            rng = np.random.default_rng([self._seed % (1 << 63), self._pass, shard, self._block])
             order = rng.permutation(len(texts))
             while self._given < len(texts):
+                if self._claims.lost(space):  # another peer holds it now: it goes on from the published block
+                    self._claims.release(space, shard)
+                    self._shard, self._holding = None, False
+                    return
                 self._given += 1  # before the yield: the state taken while suspended there counts this text
                 yield texts[order[self._given - 1]]
             if ended:
+                self._claims.finish(space, shard)
+                self._done.append(shard)
+                self._shard, self._holding = None, False
                 return
             self._block, self._given, self._block_start = self._block + 1, 0, after
 
     def _read_block(self, records: Iterator[dict[str, Any]]) -> tuple[list[str], bool]:
-        """The texts of this split among the next SHUFFLE_BLOCK records, and whether the slice ended."""
+        """The texts of this split among the next SHUFFLE_BLOCK records, and whether the shard ended."""
         texts = []
         for _ in range(SHUFFLE_BLOCK):
             record = next(records, None)
@@ -293,10 +361,10 @@ class HFSource:
                 texts.append(text)
         return texts, False
 
-    def _records(self) -> Iterator[dict[str, Any]]:
-        """The current slice's records; a file that does not parse (datasets reads lazily, so this shows
-        only here) is a DataError naming the dataset rather than pyarrow's traceback."""
-        records = iter(self._dataset)
+    def _records(self, dataset: Any) -> Iterator[dict[str, Any]]:
+        """The shard's records; a file that does not parse (datasets reads lazily, so this shows only
+        here) is a DataError naming the dataset rather than pyarrow's traceback."""
+        records = iter(dataset)
         while True:
             try:
                 record = next(records)
@@ -307,24 +375,30 @@ class HFSource:
             yield record
 
     def state(self) -> dict[str, Any]:
-        return {"pass": self._pass, "block": self._block, "given": self._given, "hf": self._block_start}
+        return {"pass": self._pass, "done": list(self._done), "shard": self._shard, "block": self._block,
+                "given": self._given, "hf": self._block_start}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self._start_pass(int(state.get("pass", 0)))
-        self._block, self._given = int(state.get("block", 0)), int(state.get("given", 0))
-        self._block_start = state["hf"]
-        self._dataset.load_state_dict(state["hf"])
+        """Continue from `state` (the shard is claimed again when reading starts). A position saved before
+        shards existed (no "done") does not apply to them: the source then starts its first pass."""
+        self._holding = False
+        if "done" not in state:
+            return
+        self._pass, self._done = int(state["pass"]), [int(s) for s in state["done"]]
+        shard = state.get("shard")
+        self._shard = None if shard is None else int(shard)
+        self._block, self._given, self._block_start = int(state["block"]), int(state["given"]), state["hf"]
 
 
 Source = EmbeddedCorpus | HFSource
 
 
 def open_source(*, name: str, config: str | None, text_field: str, shard_key: str, seed: int,
-                split: str = "train") -> Source:
+                split: str = "train", claims: ShardClaims | None = None) -> Source:
     if name == "embedded":
         return EmbeddedCorpus(seed=seed, shard_key=shard_key, split=split)
     return HFSource(name=name, config=config, text_field=text_field, shard_key=shard_key, seed=seed,
-                    split=split)
+                    split=split, claims=claims)
 
 
 # ---------------------------------------------------------------------------
@@ -434,17 +508,21 @@ class PackedBatches:
 
 def open_stream(
     *, dataset: str, dataset_config: str | None, text_field: str, tokenizer: Tokenizer, seq_len: int,
-    batch_size: int, shard_key: str, seed: int, split: str = "train",
+    batch_size: int, shard_key: str, seed: int, split: str = "train", claims: ShardClaims | None = None,
 ) -> PackedBatches:
     """The batch stream of `dataset` (one source or a mixture, see DataConfig.sources) for this worker.
 
     ``split='eval'`` is the held-out split; read with one fixed shard_key, it is the same on every peer.
+    ``claims`` is the run's board of shard leases (dht.claims.DHTClaims), through which the workers of a run
+    read disjoint shards of a Hugging Face / local dataset; None for a worker alone. The eval split never
+    uses it: every peer reads the same held-out records.
     """
     try:
         mixture = DataConfig.sources(dataset)
     except ValueError as e:
         raise DataError(str(e)) from None
     sources = {name: open_source(name=name, config=dataset_config, text_field=text_field, shard_key=shard_key,
-                                 seed=seed, split=split) for name, _ in mixture}
+                                 seed=seed, split=split, claims=claims if split == "train" else None)
+               for name, _ in mixture}
     return PackedBatches(sources=sources, weights=[weight for _, weight in mixture], tokenizer=tokenizer,
                          seq_len=seq_len, batch_size=batch_size, shard_key=shard_key, seed=seed)

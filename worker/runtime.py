@@ -36,6 +36,7 @@ from checkpoints import (
 from checkpoints.transfer import StateTransferError
 from dht import lifeline
 from dht.board import load_or_create_record_key, run_validators
+from dht.claims import DHTClaims
 from dht.node import SwarmError, SwarmNode
 from worker.children import kill_descendants, reap_leftovers, record_children
 from worker.config import WorkerConfig
@@ -289,10 +290,14 @@ class Worker:
         self.device = pick_device(cfg.run.device)
         self.trainer = InnerTrainer(model=model, cfg=cfg.train, device=self.device,
                                     compile_model=cfg.model.compile)
+        # The run's shard leases: workers read disjoint shards of a Hugging Face / local dataset. Closed
+        # before the DHT; the leases then expire, or this peer's restart takes them back.
+        claims = DHTClaims(dht=self.node.dht, run_id=cfg.run.run_id, peer=self.peer_id)
+        self._resources.callback(claims.close)
         self.data = open_stream(
             dataset=cfg.data.dataset, dataset_config=cfg.data.dataset_config, text_field=cfg.data.text_field,
             tokenizer=self.tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
-            shard_key=self.peer_id, seed=cfg.run.seed,
+            shard_key=self.peer_id, seed=cfg.run.seed, claims=claims,
         )
         if cfg.run.eval_every:
             data = cfg.data
