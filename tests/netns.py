@@ -47,12 +47,13 @@ class Network:
 
     hosts: list[Host] = field(default_factory=list)
     _bridge_ns: str = ""
+    _tag: str = ""
 
     @classmethod
     def create(cls, n: int, *, rate_mbit: float | None = None, subnet_octet: int | None = None) -> Network:
         tag = uuid.uuid4().hex[:6]
         octet = subnet_octet if subnet_octet is not None else 100 + int(tag, 16) % 100
-        net = cls(_bridge_ns=f"dlbr{tag}")
+        net = cls(_bridge_ns=f"dlbr{tag}", _tag=tag)
         try:
             _ip("netns", "add", net._bridge_ns)
             _ip("-n", net._bridge_ns, "link", "add", "br0", "type", "bridge")
@@ -84,6 +85,23 @@ class Network:
              "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "50ms"],
             check=True, capture_output=True, text=True,
         )
+
+    def partition(self, hosts: list[Host]) -> None:
+        """Cut `hosts` off from the others: their ports move to a second bridge, so that each side still
+        reaches its own hosts and nothing crosses (packets vanish, as in a real partition)."""
+        if _ip("-n", self._bridge_ns, "link", "show", "br1", check=False).returncode != 0:
+            _ip("-n", self._bridge_ns, "link", "add", "br1", "type", "bridge")
+            _ip("-n", self._bridge_ns, "link", "set", "br1", "up")
+        for host in hosts:
+            _ip("-n", self._bridge_ns, "link", "set", self._port(host), "master", "br1")
+
+    def heal(self) -> None:
+        """Undo `partition`: every host on one bridge again."""
+        for host in self.hosts:
+            _ip("-n", self._bridge_ns, "link", "set", self._port(host), "master", "br0")
+
+    def _port(self, host: Host) -> str:
+        return f"b{self._tag}{self.hosts.index(host)}"
 
     def destroy(self) -> None:
         for host in self.hosts:
