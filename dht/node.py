@@ -9,6 +9,7 @@ gone (:class:`SwarmDHT`, dht/lifeline.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import os
@@ -28,6 +29,30 @@ logger = get_logger(__name__)
 
 class SwarmError(Exception):
     """The swarm cannot be joined as asked; one-line message."""
+
+
+def ping_peers(dht: hivemind.DHT, peer_ids: Sequence[str]) -> None:
+    """Ping these peers from the DHT process, in the background; each that answers is (again) in this
+    node's routing table and this node in its.
+
+    After a network partition heals, each half's routing tables hold only its own half (peers that
+    stopped answering are dropped), so neither finds the other's records by itself: pinging the peers it
+    knew (the initial peers, those seen in progress records) joins the two DHTs into one again.
+    """
+    if peer_ids and dht.is_alive():
+        dht.run_coroutine(functools.partial(_ping, peer_ids=list(peer_ids)), return_future=True)
+
+
+async def _ping(dht: hivemind.DHT, node: hivemind.DHTNode, *, peer_ids: list[str]) -> None:
+    from hivemind.p2p import PeerID
+
+    peers = []
+    for text in peer_ids:
+        try:
+            peers.append(PeerID.from_base58(text))
+        except Exception:  # not a peer id: nothing to ping
+            continue
+    await asyncio.gather(*(node.protocol.call_ping(peer) for peer in peers), return_exceptions=True)
 
 
 def _is_loopback(maddr: Multiaddr) -> bool:

@@ -231,7 +231,8 @@ class Worker:
         self._signer = RSASignatureValidator(record_key)
         self._maddrs = [str(m) for m in self.node.visible_maddrs()]
         self.swarm = SwarmView(dht=dht, run_id=cfg.run.run_id, peer_id=self.peer_id, signer=self._signer,
-                               maddrs=self._maddrs, state=self.state, origin=self.origin)
+                               maddrs=self._maddrs, state=self.state, origin=self.origin,
+                               initial_peers=cfg.swarm.initial_peers)
         self._check_origin()
         return dht
 

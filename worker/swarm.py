@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import hivemind
@@ -17,6 +17,7 @@ from hivemind.utils import get_dht_time
 
 from dht.board import PROGRESS, SignedBoard
 from dht.lineage import Verdict, fork_choice
+from dht.node import ping_peers
 from dht.records import RECORD_TTL, ProgressRecord, vouched_state
 from worker.round_state import RoundState
 
@@ -26,6 +27,11 @@ logger = logging.getLogger(__name__)
 PUBLISH_EVERY = RECORD_TTL / 4
 # Longest a clean shutdown waits to withdraw its record; past it the record expires after RECORD_TTL.
 LEAVE_TIMEOUT = 5.0
+# How often a worker pings its entry peers and the peers it lost sight of (dht.node.ping_peers), how long
+# it keeps trying a lost peer, and how many it pings at once.
+REJOIN_EVERY = 2 * PUBLISH_EVERY
+FORGET_AFTER = 3600.0
+MAX_PINGS = 8
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class SwarmView:
 
     def __init__(
         self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator,
-        maddrs: list[str], state: RoundState, origin: str,
+        maddrs: list[str], state: RoundState, origin: str, initial_peers: Sequence[str] = (),
     ) -> None:
         self.board = SignedBoard(dht=dht, run_id=run_id, kind=PROGRESS, signer=signer)
         self.run_id, self.peer_id = run_id, peer_id
@@ -50,12 +56,22 @@ class SwarmView:
         self._ignored: set[str] = set()  # peers of another origin already logged
         self.state = state  # what this peer publishes: its record is derived from it at each publish
         self._last_publish = 0.0
+        # Peers to ping now and then, so that the DHT joins up again after a partition (dht.node.ping_peers):
+        # the initial peers, and every peer of the run seen on the board, with when it was last seen.
+        self._entry_peers = [m.rsplit("/p2p/", 1)[-1] for m in initial_peers if "/p2p/" in m]
+        self._seen: dict[str, float] = {}
+        self._last_rejoin = time.monotonic()
 
     def publish(self, *, force: bool = False, wait: bool = False) -> None:
         """Store this peer's record, derived from its round state (at most every PUBLISH_EVERY seconds
         unless `force`). With `wait`, return only once the store is done, so that the next read by any
         peer sees the record."""
         now = time.monotonic()
+        if now - self._last_rejoin >= REJOIN_EVERY:
+            try:
+                self._rejoin(now)
+            except Exception as e:  # a DHT hiccup must never stop training
+                logger.warning("could not ping the entry peers: %s", e)
         if not force and now - self._last_publish < PUBLISH_EVERY:
             return
         self._last_publish = now
@@ -64,6 +80,13 @@ class SwarmView:
             self.board.publish(record, wait=wait)
         except Exception as e:  # a DHT hiccup must never stop training
             logger.warning("could not publish progress: %s", e)
+
+    def _rejoin(self, now: float) -> None:
+        """Ping the entry peers and the peers seen lately but not in the newest read (a partition, or a
+        DHT that split at start-up): whoever answers is back in this node's routing table."""
+        self._last_rejoin = now
+        missing = [p for p, seen in self._seen.items() if now - seen > PUBLISH_EVERY and now - seen < FORGET_AFTER]
+        ping_peers(self.board.dht, list(dict.fromkeys([*self._entry_peers, *missing[:MAX_PINGS]])))
 
     def _keep_alive(self) -> None:
         """While waiting, keep this peer's record from expiring."""
@@ -97,6 +120,9 @@ class SwarmView:
             logger.warning("could not read the progress board: %s", e)
             return [], []
         mine = [r for r in records if r.origin == self.origin]
+        now = time.monotonic()
+        for r in mine:
+            self._seen[r.peer_id] = now
         return mine, [r for r in records if r.origin != self.origin]
 
     def leave(self) -> None:
