@@ -71,6 +71,18 @@ def listen_host(host_maddrs: list[str]) -> str:
     return "0.0.0.0"
 
 
+def start_shm_manager() -> None:
+    """Spawn torch's torch_shm_manager now, with SIGINT blocked across the spawn.
+
+    hivemind sets torch's "file_system" sharing strategy, under which the first shared tensor (the
+    DHT's first MPFuture, then the averager's buffers) spawns torch_shm_manager. It is in this process
+    group until it calls setsid: a Ctrl-C in between would kill it and leave torch spinning on its
+    socket. Blocked, the Ctrl-C reaches this process afterwards. The manager outlives the tensor.
+    """
+    with lifeline.forking():
+        torch.zeros(1).share_memory_()
+
+
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise WorkerError(
@@ -187,14 +199,12 @@ class Worker:
         self.names = [name for name, _ in model.named_parameters()]
         self.origin = self._initial_weights(model)
         self._check_run_dir()
-        # theta_g lives in shared memory: the first such tensor starts torch's torch_shm_manager, which is in
-        # this process group until it calls setsid. A Ctrl-C in between would kill it and leave torch spinning
-        # on its socket; with SIGINT blocked across the spawn, the Ctrl-C reaches this process afterwards.
-        with lifeline.forking():
-            self.outer = OuterOptimizer(
-                [p for _, p in model.named_parameters()],
-                lr=cfg.outer.outer_lr, momentum=cfg.outer.outer_momentum, nesterov=cfg.outer.nesterov,
-            )
+        # theta_g and the outer momentum live in ordinary memory; the pseudo-gradient becomes the averager's
+        # shared input buffer once that exists (_start_helpers).
+        self.outer = OuterOptimizer(
+            [p for _, p in model.named_parameters()],
+            lr=cfg.outer.outer_lr, momentum=cfg.outer.outer_momentum, nesterov=cfg.outer.nesterov,
+        )
         return model
 
     def _initial_weights(self, model: torch.nn.Module) -> str:
@@ -215,6 +225,7 @@ class Worker:
         # process saves its checkpoint and stops them in order) and p2pd runs in a session of its own, so
         # from here on Ctrl-C means "save and stop" for this process alone.
         self.install_signal_handlers()
+        start_shm_manager()
         self.node = SwarmNode(
             identity_path=self.run_dir / "identity.key", initial_peers=cfg.swarm.initial_peers,
             host_maddrs=cfg.swarm.host_maddrs, announce_maddrs=cfg.swarm.announce_maddrs,
@@ -253,7 +264,7 @@ class Worker:
         cfg = self.cfg
         # The averager forks a process: start it before CUDA is touched (pick_device may initialise it).
         self.averager = SwarmAverager(
-            dht=dht, run_id=cfg.run.run_id, template=self.outer.delta, compression=cfg.swarm.compression,
+            dht=dht, run_id=cfg.run.run_id, template=self.outer.params, compression=cfg.swarm.compression,
             matchmaking_time=cfg.swarm.matchmaking_time, request_timeout=cfg.swarm.request_timeout,
             allreduce_timeout=cfg.swarm.averaging_timeout,
             # A member silent this long is dead; it must fit twice into one all-reduce (SwarmAverager checks).
@@ -261,6 +272,8 @@ class Worker:
         )
         self._resources.callback(self.averager.shutdown)  # safe after a failed start too
         self.averager.start()
+        # The pseudo-gradient is the averager's input buffer: one shared copy of it, none of theta_g.
+        self.outer.use_delta(self.averager.input_tensors(), writing=self.averager.writing_input)
         self.saver = BackgroundSaver(store=self.store, on_saved=lambda st, path: self.disk.saved(st, path))
         self.saver.start()  # a thread: only once the DHT and the averager have forked
         self._resources.callback(self._stop_saver)
