@@ -37,6 +37,9 @@ class ProgressRecord(pydantic.BaseModel):
     # The newest evaluation of theta_g this peer made (-1: none yet), for `worker status`.
     eval_epoch: pydantic.conint(ge=-1, strict=True)  # type: ignore[valid-type]
     eval_loss: pydantic.StrictFloat
+    # This peer's clock minus the swarm's, as it estimates it (dht.clock; None: no estimate yet). For
+    # `worker status`, and so that a peer can tell whether the others agree among themselves.
+    clock_offset: pydantic.StrictFloat | None
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,10 @@ def shared_storages(tensors: list[torch.Tensor]) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors if t.is_shared()}
 
 
-def pair(dht: hivemind.DHT, run_id: str, seed: int) -> tuple[SwarmAverager, OuterOptimizer, list[torch.Tensor]]:
+Pair = tuple[SwarmAverager, OuterOptimizer, list[torch.Tensor]]
+
+
+def pair(dht: hivemind.DHT, run_id: str, seed: int) -> Pair:
     """An averager and an outer optimizer wired as the worker wires them; and the local params."""
     # The same theta_g on every peer (as in a swarm), each its own local params.
     theta = [torch.randn(shape, generator=torch.Generator().manual_seed(0)) for shape in SHAPES]
@@ -58,7 +61,7 @@ def test_delta_is_the_averagers_input_and_theta_g_is_not_shared(two_dhts: list[h
     run_id = f"shm-{uuid.uuid4().hex[:8]}"
     pairs = [pair(dht, run_id, seed) for seed, dht in enumerate(two_dhts)]
     try:
-        for averager, outer, local in pairs:
+        for _, outer, local in pairs:
             outer.compute_pseudo_gradient(local)
         deltas = [[d.clone() for d in outer.delta] for _, outer, _ in pairs]
 
@@ -71,7 +74,8 @@ def test_delta_is_the_averagers_input_and_theta_g_is_not_shared(two_dhts: list[h
         # Both average: the result lands in delta, and both step from it to the same theta_g.
         deadline = get_dht_time() + 20
         with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(a.average, o.delta, weight=1.0, epoch=1, deadline=deadline) for a, o, _ in pairs]
+            futures = [pool.submit(a.average, o.delta, weight=1.0, epoch=1, deadline=deadline)
+                       for a, o, _ in pairs]
             results = [f.result(timeout=30) for f in futures]
         assert [r.group_size for r in results] == [2, 2], [r.failures for r in results]
         for _, outer, _ in pairs:
@@ -88,7 +92,8 @@ def test_delta_is_the_averagers_input_and_theta_g_is_not_shared(two_dhts: list[h
             assert shared_storages(everything) == {averager._input.untyped_storage().data_ptr(),
                                                    averager._output.untyped_storage().data_ptr()}
             assert shared_storages(outer.delta) == {averager._input.untyped_storage().data_ptr()}
-            assert all(p.grad.data_ptr() == d.data_ptr() for p, d in zip(outer.params, outer.delta, strict=True))
+            assert all(p.grad.data_ptr() == d.data_ptr()
+                       for p, d in zip(outer.params, outer.delta, strict=True))
     finally:
         for averager, _, _ in pairs:
             averager.shutdown()

@@ -42,6 +42,8 @@ class RoundState:
     """Epoch of the newest evaluation of theta_g this peer made (-1: none)."""
     eval_loss: float = float("nan")
     """Held-out loss of that evaluation."""
+    clock_offset: float | None = None
+    """This peer's clock minus the swarm's (``dht.clock``), in seconds; None until estimated."""
 
     def restart(self) -> None:
         """Forget the current round's inner work (its steps, tokens and time): theta_g is what stands."""
@@ -64,4 +66,5 @@ class RoundState:
             tokens_per_s=float(self.tokens_per_s), loss=float(loss), param_sha256=self.param_sha256,
             in_sync=self.in_sync, time=get_dht_time(), maddrs=maddrs, origin=origin,
             eval_epoch=self.eval_epoch, eval_loss=float(eval_loss),
+            clock_offset=None if self.clock_offset is None else float(self.clock_offset),
         )

@@ -36,6 +36,8 @@ from checkpoints import (
 from checkpoints.transfer import StateTransferError
 from dht import lifeline
 from dht.board import load_or_create_record_key, run_validators
+from dht.clock import join_refusal
+from dht.clock import verdict as clock_verdict
 from dht.node import SwarmError, SwarmNode
 from worker.children import kill_descendants, reap_leftovers, record_children
 from worker.config import WorkerConfig
@@ -134,11 +136,13 @@ class Worker:
         self.sync: StateSync | None = None
         self.round: OuterRound | None = None
         self.held_out: torch.Tensor | None = None  # the run's held-out sequences, when --eval-every is on
+        self._clock_warned: float | None = None  # the clock offset last warned about (None: none since ok)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         self.faults = FaultPlan.from_env()
+        self.faults.shift_clock()  # a no-op unless a test asks; before the DHT and averager fork
         self._lock_run_dir()
         model = self._build_model()
         dht = self._join_swarm()
@@ -235,7 +239,8 @@ class Worker:
         try:
             dht = self.node.start()
         except SwarmError as e:
-            raise WorkerError(str(e)) from None
+            # hivemind's bootstrap refuses a newcomer whose clock is over 3 s off its initial peers'.
+            raise WorkerError(join_refusal(str(e)) or str(e)) from None
         self.node.write_peer_file(self.run_dir / "peer.json")
         self.peer_id = self.node.peer_id
         self._signer = RSASignatureValidator(record_key)
@@ -454,6 +459,8 @@ class Worker:
                 if self.stop_requested:
                     break
                 report = self.round.run()
+                self.faults.clock_at(self.state.epoch)  # a no-op unless a test asks
+                self._check_clock()
                 self._evaluate(report)
                 if report.outcome is Outcome.DESYNC and report.agreement is not None:
                     self._repair_target = report.agreement.majority_hash
@@ -461,6 +468,26 @@ class Worker:
                     self.disk.save(background=cfg.run.background_checkpoints)
         finally:
             progress.shutdown()
+
+    def _check_clock(self) -> None:
+        """After each round: this peer's clock vs the swarm's (dht.clock), published, warned about, refused.
+
+        A warning is one line when the offset first goes above 2 s or moves by a second; a WorkerError (the
+        worker saves and stops) when it is above what matchmaking tolerates and the other peers agree
+        among themselves that this one is the odd one out."""
+        others = {r.peer_id: r.clock_offset for r in self.swarm.last_read}
+        mine = self.swarm.clock.offset_vs_swarm(live=set(others))
+        self.state.clock_offset = None if mine is None else round(mine, 2)
+        found = clock_verdict(mine, others, peers=len(others))
+        if found.action == "refuse":
+            self.metrics.emit("clock_refused", epoch=self.state.epoch, clock_offset=mine)
+            raise WorkerError(found.line)
+        if found.action == "ok":
+            self._clock_warned = None
+        elif self._clock_warned is None or abs(mine - self._clock_warned) >= 1.0:
+            self._clock_warned = mine
+            notice(f"[yellow]{found.line}[/]")
+            self.metrics.emit("clock_warning", epoch=self.state.epoch, clock_offset=mine)
 
     def _evaluate(self, report: RoundReport) -> None:
         """Every --eval-every epochs, one member of the round evaluates the new theta_g on the held-out split.

@@ -16,6 +16,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from dht.board import PROGRESS, SignedBoard
+from dht.clock import ClockEstimator
 from dht.records import RECORD_TTL, Agreement, ProgressRecord, check_agreement, vouched_state
 from worker.round_state import RoundState
 
@@ -49,6 +50,8 @@ class SwarmView:
         self._ignored: set[str] = set()  # peers of another origin already logged
         self.state = state  # what this peer publishes: its record is derived from it at each publish
         self._last_publish = 0.0
+        self.clock = ClockEstimator()  # fed by every read of the board: record times against read times
+        self.last_read: list[ProgressRecord] = []  # the other live peers at the newest read
 
     def publish(self, *, force: bool = False, wait: bool = False) -> None:
         """Store this peer's record, derived from its round state (at most every PUBLISH_EVERY seconds
@@ -91,10 +94,13 @@ class SwarmView:
 
     def _read(self) -> tuple[list[ProgressRecord], list[ProgressRecord]]:
         try:
+            started = get_dht_time()
             records = [r for r in self.board.read() if r.peer_id != self.peer_id]
         except Exception as e:
             logger.warning("could not read the progress board: %s", e)
             return [], []
+        self.clock.observe({r.peer_id: r.time for r in records}, read_started=started, read_at=get_dht_time())
+        self.last_read = records
         mine = [r for r in records if r.origin == self.origin]
         return mine, [r for r in records if r.origin != self.origin]
 
