@@ -95,16 +95,17 @@ def verdict(mine: float | None, others: Mapping[str, float | None], *, peers: in
     """What to do with this peer's offset vs the swarm (`mine`), given what the others publish of theirs.
 
     Refused (the worker stops) only when it is the odd one out: its own offset is above ``REFUSE_S`` and
-    more than half of the other live peers (`peers` of them) publish an offset within ``WARN_S``, so they
-    agree among themselves. Otherwise (two peers apart, or a swarm split in two) nobody can tell whose
-    clock is wrong: every side warns, naming the offset, and goes on.
+    at least two, and more than half, of the other live peers (`peers` of them) publish an offset within
+    ``WARN_S``, so they agree among themselves. Otherwise (two peers apart, or a swarm split in two)
+    nobody can tell whose clock is wrong: every side warns, naming the offset, and goes on. (One other
+    peer "in line" proves nothing: its own estimate vs this peer may simply be older.)
     """
     if mine is None or abs(mine) <= WARN_S:
         return Verdict("ok")
     direction = "ahead of" if mine > 0 else "behind"
     measured = f"this peer's clock is {abs(mine):.1f} s {direction} the swarm's"
     in_line = sum(1 for value in others.values() if value is not None and abs(value) <= WARN_S)
-    if abs(mine) > REFUSE_S and 2 * in_line > peers:
+    if abs(mine) > REFUSE_S and in_line >= 2 and 2 * in_line > peers:
         return Verdict("refuse", f"{measured} ({in_line} of {peers} other peers agree with each other); "
                                  f"matchmaking tolerates about {REFUSE_S:.0f} s, so it cannot average: {FIX}")
     limit = (f"above the {REFUSE_S:.0f} s matchmaking tolerates, and the swarm does not agree on whose "
