@@ -124,7 +124,7 @@ def test_a_worker_10s_off_is_refused_at_join_and_reported_while_running(tmp_path
                               "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1", *entry],
                              capture_output=True, text=True, timeout=90, cwd=ROOT,
                              env=worker_env(DILOCO_FAULT="clock_offset@10"))
-    assert joining.returncode != 0
+    assert joining.returncode == 2
     errors = [line for line in joining.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "10.0 s ahead of its initial peer's" in errors[0] and "NTP" in errors[0], \
         joining.stderr[-2000:]
