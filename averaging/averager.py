@@ -8,7 +8,8 @@ This is the part of ``averaging`` that the worker calls once per outer round::
     ...
     averager.shutdown()
 
-``average`` copies the caller's tensors into a shared-memory input buffer, lets the
+``average`` copies the caller's tensors into a shared-memory input buffer (no copy when
+they are that buffer's views, ``input_tensors()``: the worker's pseudo-gradient is), lets the
 background process (``backend.RoundBackend``) find a group and run the all-reduce
 into a separate output buffer, and copies the output back into the caller's tensors
 only when the round succeeded. On every failure path the caller's tensors are left
@@ -17,9 +18,10 @@ exactly as they were and the result says ``group_size=1``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,6 +176,35 @@ class SwarmAverager:
         backend.run_in_background(await_ready=True, timeout=60.0)
         self._backend = backend
 
+    def input_tensors(self) -> list[torch.Tensor]:
+        """Views of the shared input buffer, shaped like the template (after ``start``).
+
+        A caller that keeps its tensors here (the worker's pseudo-gradient) saves one copy of
+        them in shared memory and the copy into the buffer at each round. It writes them only
+        inside ``writing_input()``; ``average`` on them leaves them untouched on failure and
+        puts the average there on success, as for any other tensors.
+        """
+        _, input_flat, _ = self._started()
+        return self._views(input_flat)
+
+    @contextlib.contextmanager
+    def writing_input(self) -> Iterator[None]:
+        """Hold the buffers' lock while the caller writes ``input_tensors()``.
+
+        The background process holds it during an all-reduce; an attempt that outlived an
+        earlier ``average`` call (its event loop late on its deadline) still reads the input
+        buffer, and its groupmates must get what it started with. It waits for that attempt
+        (bounded by one all-reduce); TimeoutError if the process keeps the lock longer.
+        """
+        backend, _, _ = self._started()
+        limit = self.settings.allreduce_timeout + 2 * self.settings.next_chunk_timeout
+        if not backend.lock_averaged_tensors.acquire(timeout=limit):
+            raise TimeoutError(f"the averager process held its buffers for over {limit:.0f}s (stuck?)")
+        try:
+            yield
+        finally:
+            backend.lock_averaged_tensors.release()
+
     def shutdown(self) -> None:
         """Stop the background process. Safe to call twice, when never started, or when it is already gone."""
         backend, self._backend = self._backend, None
@@ -271,13 +302,20 @@ class SwarmAverager:
         self, backend: RoundBackend, input_flat: torch.Tensor, tensors: Sequence[torch.Tensor], *,
         deadline: float,
     ) -> bool:
-        """Copy ``tensors`` into the input buffer; False, copying nothing, if busy until ``deadline``."""
+        """Copy ``tensors`` into the input buffer; False, copying nothing, if busy until ``deadline``.
+
+        Nothing to copy when ``tensors`` are the buffer's own views (``input_tensors``): their
+        writer held the lock (``writing_input``).
+        """
+        views = self._views(input_flat)
+        if all(t.data_ptr() == v.data_ptr() for t, v in zip(tensors, views, strict=True)):
+            return True
         # The lock is held by the background process during an attempt: an attempt that outlived
         # our wait in an earlier call still owns the buffers, so we skip this round rather than race it.
         if not backend.lock_averaged_tensors.acquire(timeout=max(0.0, deadline - get_dht_time())):
             return False
         try:
-            for view, tensor in zip(self._views(input_flat), tensors, strict=True):
+            for view, tensor in zip(views, tensors, strict=True):
                 view.copy_(tensor.detach())
         finally:
             backend.lock_averaged_tensors.release()

@@ -7,7 +7,9 @@ bitwise-identical parameters; the local model may live on a GPU in any dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -18,6 +20,10 @@ class OuterOptimizer:
     Lifecycle of one round: ``compute_pseudo_gradient(local)`` fills ``delta``
     with theta_g - theta_local; the caller averages ``delta`` in place with its
     peers (or not, when alone); ``step()`` applies it to theta_g.
+
+    Everything here lives in ordinary memory. ``delta`` alone may be handed over to the
+    averager (``use_delta``): it then *is* the averager's shared input buffer, so the
+    parameters sit in shared memory twice (the averager's input and output), not four times.
     """
 
     def __init__(
@@ -30,19 +36,57 @@ class OuterOptimizer:
     ) -> None:
         if lr <= 0 or not 0 <= momentum < 1:
             raise ValueError(f"outer lr must be > 0 and momentum in [0, 1), got lr={lr} momentum={momentum}")
-        # Averaged tensors must be in shared memory for hivemind's averager process.
-        self.params = [p.detach().to("cpu", torch.float32).clone().share_memory_() for p in global_params]
-        self.delta = [torch.zeros_like(p).share_memory_() for p in self.params]
-        for param, grad in zip(self.params, self.delta, strict=True):
-            param.grad = grad
+        self.params = [p.detach().to("cpu", torch.float32).clone() for p in global_params]
+        # Allocated on first use: a worker hands the averager's buffer over instead (use_delta), and a
+        # zero-filled copy made meanwhile would cost one more copy of the parameters in RAM.
+        self._delta: list[torch.Tensor] | None = None
+        self._writing_delta: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
         # torch refuses Nesterov without momentum; with momentum 0 the two are the same step.
         self._opt = torch.optim.SGD(self.params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
 
+    @property
+    def delta(self) -> list[torch.Tensor]:
+        """The pseudo-gradient buffers (each ``params[i].grad``): the averager's input after ``use_delta``."""
+        if self._delta is None:
+            self._bind_delta([torch.zeros_like(p) for p in self.params])
+        assert self._delta is not None
+        return self._delta
+
+    def use_delta(
+        self, buffers: Sequence[torch.Tensor], *, writing: Callable[[], AbstractContextManager[object]],
+    ) -> None:
+        """From now on the pseudo-gradient is written into ``buffers`` (the averager's input views).
+
+        :param buffers: fp32 CPU tensors shaped like ``params``; their current values are kept
+          when no delta existed yet, else the current delta is copied in
+        :param writing: a context in which ``buffers`` may be written (the averager's buffer lock:
+          an all-reduce still running from an earlier round reads them)
+        """
+        if len(buffers) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} delta buffers, got {len(buffers)}")
+        for i, (buf, param) in enumerate(zip(buffers, self.params, strict=True)):
+            if buf.shape != param.shape or buf.dtype != torch.float32 or buf.device.type != "cpu":
+                raise ValueError(f"delta buffer {i}: expected float32 CPU {tuple(param.shape)}, "
+                                 f"got {buf.dtype} {buf.device} {tuple(buf.shape)}")
+        old, self._writing_delta = self._delta, writing
+        if old is not None:
+            with writing(), torch.no_grad():
+                for buf, value in zip(buffers, old, strict=True):
+                    buf.copy_(value)
+        self._bind_delta(list(buffers))
+
+    def _bind_delta(self, buffers: list[torch.Tensor]) -> None:
+        self._delta = buffers
+        for param, grad in zip(self.params, buffers, strict=True):
+            param.grad = grad  # SGD reads p.grad: the (averaged) pseudo-gradient, without a copy
+
     @torch.no_grad()
     def compute_pseudo_gradient(self, local_params: Sequence[torch.Tensor]) -> None:
-        for delta, param, local in zip(self.delta, self.params, local_params, strict=True):
-            delta.copy_(local.detach(), non_blocking=False)
-            torch.sub(param, delta, out=delta)
+        deltas = self.delta
+        with self._writing_delta():
+            for delta, param, local in zip(deltas, self.params, local_params, strict=True):
+                delta.copy_(local.detach(), non_blocking=False)
+                torch.sub(param, delta, out=delta)
 
     @torch.no_grad()
     def step(self) -> None:

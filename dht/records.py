@@ -43,6 +43,9 @@ class ProgressRecord(pydantic.BaseModel):
     trained_tokens: pydantic.conint(ge=0, strict=True)  # type: ignore[valid-type]
     ancestry: pydantic.conlist(  # type: ignore[valid-type]
         pydantic.constr(regex=r"^[0-9a-f]{16}$", strict=True), max_items=ANCESTRY)
+    # This peer's clock minus the swarm's, as it estimates it (dht.clock; None: no estimate yet). For
+    # `worker status`, and so that a peer can tell whether the others agree among themselves.
+    clock_offset: pydantic.StrictFloat | None
 
     def head(self) -> Head:
         return Head(peer_id=self.peer_id, epoch=self.epoch, param_sha256=self.param_sha256,

@@ -9,6 +9,7 @@ from hivemind.utils import get_dht_time
 from rich.console import Console
 from rich.table import Table
 
+from dht.clock import FIX, REFUSE_S, WARN_S
 from dht.lineage import lineages
 from dht.records import ProgressRecord
 
@@ -22,6 +23,8 @@ def status_rows(records: list[ProgressRecord]) -> list[dict[str, Any]]:
             "in_sync": r.in_sync, "last_seen_s": round(max(0.0, now - r.time), 1),
             "maddrs": r.maddrs, "eval_epoch": r.eval_epoch,
             "eval_loss": r.eval_loss if r.eval_epoch >= 0 else None,
+            # Its clock minus the swarm's, as it estimates it (dht.clock); None: not estimated yet.
+            "clock_offset_s": r.clock_offset,
         }
         for r in sorted(records, key=lambda r: (-r.epoch, r.peer_id))
     ]
@@ -60,14 +63,14 @@ def render_table(run_id: str, records: list[ProgressRecord], console: Console) -
     rows = status_rows(records)
     table = Table(title=f"run {run_id}: {len(rows)} live peer(s)")
     for column in ("peer id", "epoch", "step", "tokens/s", "loss", "eval loss", "param sha256", "in sync",
-                   "last seen"):
+                   "clock", "last seen"):
         table.add_column(column, justify="right" if column not in ("peer id", "param sha256") else "left")
     for r in rows:
         evaluated = f"{r['eval_loss']:.4f} @{r['eval_epoch']}" if r["eval_loss"] is not None else "-"
         table.add_row(
             r["peer_id"][:16] + "…", str(r["epoch"]), str(r["inner_step"]), f"{r['tokens_per_s']:,.0f}",
             f"{r['loss']:.4f}", evaluated,
-            r["param_sha256"][:12], "yes" if r["in_sync"] else "[red]NO[/]",
+            r["param_sha256"][:12], "yes" if r["in_sync"] else "[red]NO[/]", _clock_cell(r["clock_offset_s"]),
             f"{r['last_seen_s']:.0f}s ago",
         )
     console.print(table)
@@ -82,7 +85,22 @@ def render_table(run_id: str, records: list[ProgressRecord], console: Console) -
         for tip in found:
             console.print(f"  {tip['param_sha256'][:12]} at epoch {tip['epoch']}: {tip['trained_tokens']:,} tokens, "
                           f"{len(tip['holders'])} holder(s), {len(tip['behind'])} behind")
+    off = [r for r in rows if r["clock_offset_s"] is not None and abs(r["clock_offset_s"]) > WARN_S]
+    if off:
+        worst = max(off, key=lambda r: abs(r["clock_offset_s"]))
+        console.print(f"[yellow]clocks: {len(off)} peer(s) more than {WARN_S:.0f} s off the swarm (worst "
+                      f"{worst['peer_id'][:16]}… at {worst['clock_offset_s']:+.1f} s; matchmaking tolerates "
+                      f"about {REFUSE_S:.0f} s): {FIX}[/]")
     newest = newest_eval(records)
     if newest is not None:
         console.print(f"newest eval of theta_g: loss {newest['loss']:.4f} at epoch {newest['epoch']} "
                       f"(by {newest['peer_id'][:16]}…)")
+
+
+def _clock_cell(offset: float | None) -> str:
+    if offset is None:
+        return "-"
+    text = f"{offset:+.1f}s"
+    if abs(offset) > REFUSE_S:
+        return f"[red]{text}[/]"
+    return f"[yellow]{text}[/]" if abs(offset) > WARN_S else text

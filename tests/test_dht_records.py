@@ -11,8 +11,8 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
 from dht.board import PROGRESS, SignedBoard, load_or_create_record_key, run_validators
-from dht.node import pick_join_address
 from dht.lineage import Head, Standing, extend_ancestry, fork_choice, lineages
+from dht.node import pick_join_address
 from dht.records import ProgressRecord, vouched_state
 
 

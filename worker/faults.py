@@ -17,12 +17,21 @@ is an epoch (``perturb_params@2``) or an epoch and every later one (``forge_offe
   on a lineage of its own, ahead of the swarm.
 - ``kill_checkpoint@PHASE``: SIGKILL this process when a checkpoint save reaches PHASE (one of
   ``checkpoints.CHECKPOINT_PHASES``): what a power cut or the OOM killer leaves on disk.
+- ``clock_offset@S`` or ``clock_offset@S:E``: this process's wall clock runs S seconds off (negative:
+  behind), from the start or from the end of the round that begins epoch E on, as a machine without
+  NTP, or one whose clock was stepped, would. At start it replaces ``time.time`` and every
+  ``get_dht_time`` hivemind's and this project's modules imported, before the DHT and averager
+  processes fork; the offset itself lives in a shared page, so it moves in all three at once.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
+import struct
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -40,7 +49,7 @@ ENV_VAR = "DILOCO_FAULT"
 # How far ahead a forged offer claims to be.
 FORGED_EPOCHS_AHEAD = 1000
 ROUND_SEAMS = ("perturb_params", "forge_offer", "step_alone")
-SEAMS = (*ROUND_SEAMS, "kill_checkpoint")
+SEAMS = (*ROUND_SEAMS, "kill_checkpoint", "clock_offset")
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,8 @@ class Fault:
     epoch: int = 0  # round seams: the epoch it strikes at
     later_too: bool = False  # round seams: and every epoch after
     phase: str = ""  # kill_checkpoint: the save phase
+    offset_s: float = 0.0  # clock_offset: how far off the clock runs
+    from_epoch: int = 0  # clock_offset: from the round that begins this epoch on (0: from the start)
 
     def strikes(self, seam: str, epoch: int) -> bool:
         return self.seam == seam and (epoch >= self.epoch if self.later_too else epoch == self.epoch)
@@ -63,6 +74,13 @@ def _parse(item: str) -> Fault:
             phases = ", ".join(sorted(CHECKPOINT_PHASES))
             raise WorkerError(f"{ENV_VAR}: {item!r} needs a phase, one of {phases}")
         return Fault(seam, phase=when)
+    if seam == "clock_offset":
+        offset, _, epoch = when.partition(":")
+        try:
+            return Fault(seam, offset_s=float(offset), from_epoch=int(epoch or 0))
+        except ValueError:
+            raise WorkerError(f"{ENV_VAR}: {item!r} needs seconds, as in clock_offset@10 or "
+                              "clock_offset@-10:2 (10 s behind once epoch 2 begins)") from None
     later = when.endswith("+")
     if not when.removesuffix("+").isdigit():
         raise WorkerError(f"{ENV_VAR}: {item!r} needs an epoch, as in {seam}@3 or {seam}@3+")
@@ -95,6 +113,20 @@ class FaultPlan:
     def strikes(self, seam: str, epoch: int) -> bool:
         return any(f.strikes(seam, epoch) for f in self.faults)
 
+    def shift_clock(self) -> None:
+        """Seam ``clock_offset``, at start: install the shiftable clock (before any fork), off at once
+        unless the offset waits for an epoch."""
+        if any(f.seam == "clock_offset" for f in self.faults):
+            _install_shifted_clock()
+            self.clock_at(0)
+
+    def clock_at(self, epoch: int) -> None:
+        """Seam ``clock_offset``, once each round is over: the clock steps off when `epoch` begins."""
+        for f in self.faults:
+            if f.seam == "clock_offset" and epoch >= f.from_epoch and _offset() != f.offset_s:
+                struct.pack_into("d", _OFFSET, 0, f.offset_s)
+                notice(f"fault injected: this process's clock now runs {f.offset_s:+.1f} s off")
+
     def after_outer_step(self, epoch: int, params: Sequence[torch.Tensor]) -> bool:
         """Seam ``perturb_params``: True when it changed theta_g (`params`, in place)."""
         if not self.strikes("perturb_params", epoch):
@@ -116,3 +148,26 @@ class FaultPlan:
         """The checkpoint store's seam: a no-op unless the plan has a ``kill_checkpoint``."""
         phases = [f.phase for f in self.faults if f.seam == "kill_checkpoint"]
         return CheckpointKill(phases[0]) if phases else NO_FAULTS
+
+
+# One shared page (MAP_SHARED, anonymous): the DHT and averager processes forked later see its changes.
+_OFFSET = mmap.mmap(-1, mmap.PAGESIZE)
+
+
+def _offset() -> float:
+    return struct.unpack_from("d", _OFFSET, 0)[0]
+
+
+def _install_shifted_clock() -> None:
+    """Replace the wall clock of this process (and of the processes it forks later) by a shiftable one."""
+    real = time.time
+
+    def shifted() -> float:
+        return real() + struct.unpack_from("d", _OFFSET, 0)[0]
+
+    time.time = shifted  # type: ignore[assignment]
+    # hivemind's get_dht_time is time.time, bound by name in every module that imported it; vars(), not
+    # getattr: a lazy module's __getattr__ would import things.
+    for module in list(sys.modules.values()):
+        if isinstance(getattr(module, "__dict__", None), dict) and vars(module).get("get_dht_time") is real:
+            module.get_dht_time = shifted  # type: ignore[attr-defined]

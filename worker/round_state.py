@@ -50,6 +50,8 @@ class RoundState:
     extensions: int = 0
     """Inner phases added to this round because its outer step found no group while peers of its state
     were live: the local model trains on from where it is, and the next outer step averages all of it."""
+    clock_offset: float | None = None
+    """This peer's clock minus the swarm's (``dht.clock``), in seconds; None until estimated."""
 
     def restart(self) -> None:
         """Forget the current round's inner work (its steps, tokens and time): theta_g is what stands."""
@@ -84,4 +86,5 @@ class RoundState:
             in_sync=self.in_sync, time=get_dht_time(), maddrs=maddrs, origin=origin,
             eval_epoch=self.eval_epoch, eval_loss=float(eval_loss), trained_tokens=int(self.trained_tokens),
             ancestry=list(self.ancestry),
+            clock_offset=None if self.clock_offset is None else float(self.clock_offset),
         )

@@ -37,6 +37,8 @@ from checkpoints.transfer import StateTransferError
 from dht import lifeline
 from dht.board import load_or_create_record_key, run_validators
 from dht.claims import DHTClaims
+from dht.clock import join_refusal
+from dht.clock import verdict as clock_verdict
 from dht.node import SwarmError, SwarmNode
 from worker.children import kill_descendants, reap_leftovers, record_children
 from worker.config import WorkerConfig
@@ -70,6 +72,18 @@ def listen_host(host_maddrs: list[str]) -> str:
         except Exception:  # not an ip4 address
             continue
     return "0.0.0.0"
+
+
+def start_shm_manager() -> None:
+    """Spawn torch's torch_shm_manager now, with SIGINT blocked across the spawn.
+
+    hivemind sets torch's "file_system" sharing strategy, under which the first shared tensor (the
+    DHT's first MPFuture, then the averager's buffers) spawns torch_shm_manager. It is in this process
+    group until it calls setsid: a Ctrl-C in between would kill it and leave torch spinning on its
+    socket. Blocked, the Ctrl-C reaches this process afterwards. The manager outlives the tensor.
+    """
+    with lifeline.forking():
+        torch.zeros(1).share_memory_()
 
 
 def pick_device(choice: str) -> torch.device:
@@ -123,11 +137,13 @@ class Worker:
         self.sync: StateSync | None = None
         self.round: OuterRound | None = None
         self.held_out: torch.Tensor | None = None  # the run's held-out sequences, when --eval-every is on
+        self._clock_warned: float | None = None  # the clock offset last warned about (None: none since ok)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         self.faults = FaultPlan.from_env()
+        self.faults.shift_clock()  # a no-op unless a test asks; before the DHT and averager fork
         self._lock_run_dir()
         model = self._build_model()
         dht = self._join_swarm()
@@ -188,14 +204,12 @@ class Worker:
         self.names = [name for name, _ in model.named_parameters()]
         self.origin = self._initial_weights(model)
         self._check_run_dir()
-        # theta_g lives in shared memory: the first such tensor starts torch's torch_shm_manager, which is in
-        # this process group until it calls setsid. A Ctrl-C in between would kill it and leave torch spinning
-        # on its socket; with SIGINT blocked across the spawn, the Ctrl-C reaches this process afterwards.
-        with lifeline.forking():
-            self.outer = OuterOptimizer(
-                [p for _, p in model.named_parameters()],
-                lr=cfg.outer.outer_lr, momentum=cfg.outer.outer_momentum, nesterov=cfg.outer.nesterov,
-            )
+        # theta_g and the outer momentum live in ordinary memory; the pseudo-gradient becomes the averager's
+        # shared input buffer once that exists (_start_helpers).
+        self.outer = OuterOptimizer(
+            [p for _, p in model.named_parameters()],
+            lr=cfg.outer.outer_lr, momentum=cfg.outer.outer_momentum, nesterov=cfg.outer.nesterov,
+        )
         return model
 
     def _initial_weights(self, model: torch.nn.Module) -> str:
@@ -216,6 +230,7 @@ class Worker:
         # process saves its checkpoint and stops them in order) and p2pd runs in a session of its own, so
         # from here on Ctrl-C means "save and stop" for this process alone.
         self.install_signal_handlers()
+        start_shm_manager()
         self.node = SwarmNode(
             identity_path=self.run_dir / "identity.key", initial_peers=cfg.swarm.initial_peers,
             host_maddrs=cfg.swarm.host_maddrs, announce_maddrs=cfg.swarm.announce_maddrs,
@@ -225,7 +240,8 @@ class Worker:
         try:
             dht = self.node.start()
         except SwarmError as e:
-            raise WorkerError(str(e)) from None
+            # hivemind's bootstrap refuses a newcomer whose clock is over 3 s off its initial peers'.
+            raise WorkerError(join_refusal(str(e)) or str(e)) from None
         self.node.write_peer_file(self.run_dir / "peer.json")
         self.peer_id = self.node.peer_id
         self._signer = RSASignatureValidator(record_key)
@@ -255,7 +271,7 @@ class Worker:
         cfg = self.cfg
         # The averager forks a process: start it before CUDA is touched (pick_device may initialise it).
         self.averager = SwarmAverager(
-            dht=dht, run_id=cfg.run.run_id, template=self.outer.delta, compression=cfg.swarm.compression,
+            dht=dht, run_id=cfg.run.run_id, template=self.outer.params, compression=cfg.swarm.compression,
             matchmaking_time=cfg.swarm.matchmaking_time, request_timeout=cfg.swarm.request_timeout,
             allreduce_timeout=cfg.swarm.averaging_timeout,
             # A member silent this long is dead; it must fit twice into one all-reduce (SwarmAverager checks).
@@ -263,6 +279,8 @@ class Worker:
         )
         self._resources.callback(self.averager.shutdown)  # safe after a failed start too
         self.averager.start()
+        # The pseudo-gradient is the averager's input buffer: one shared copy of it, none of theta_g.
+        self.outer.use_delta(self.averager.input_tensors(), writing=self.averager.writing_input)
         self.saver = BackgroundSaver(store=self.store, on_saved=lambda st, path: self.disk.saved(st, path))
         self.saver.start()  # a thread: only once the DHT and the averager have forked
         self._resources.callback(self._stop_saver)
@@ -447,6 +465,8 @@ class Worker:
                 if self.stop_requested:
                     break
                 report = self.round.run()
+                self.faults.clock_at(self.state.epoch)  # a no-op unless a test asks
+                self._check_clock()
                 self._evaluate(report)
                 if report.outcome is Outcome.DESYNC and report.verdict is not None:
                     self._repair_target = report.verdict.winner.tip.param_sha256
@@ -454,6 +474,26 @@ class Worker:
                     self.disk.save(background=cfg.run.background_checkpoints)
         finally:
             progress.shutdown()
+
+    def _check_clock(self) -> None:
+        """After each round: this peer's clock vs the swarm's (dht.clock), published, warned about, refused.
+
+        A warning is one line when the offset first goes above 2 s or moves by a second; a WorkerError (the
+        worker saves and stops) when it is above what matchmaking tolerates and the other peers agree
+        among themselves that this one is the odd one out."""
+        others = {r.peer_id: r.clock_offset for r in self.swarm.last_read}
+        mine = self.swarm.clock.offset_vs_swarm(live=set(others))
+        self.state.clock_offset = None if mine is None else round(mine, 2)
+        found = clock_verdict(mine, others, peers=len(others))
+        if found.action == "refuse":
+            self.metrics.emit("clock_refused", epoch=self.state.epoch, clock_offset=mine)
+            raise WorkerError(found.line)
+        if found.action == "ok":
+            self._clock_warned = None
+        elif self._clock_warned is None or abs(mine - self._clock_warned) >= 1.0:
+            self._clock_warned = mine
+            notice(f"[yellow]{found.line}[/]")
+            self.metrics.emit("clock_warning", epoch=self.state.epoch, clock_offset=mine)
 
     def _evaluate(self, report: RoundReport) -> None:
         """Every --eval-every epochs, one member of the round evaluates the new theta_g on the held-out split.

@@ -16,6 +16,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from dht.board import PROGRESS, SignedBoard
+from dht.clock import ClockEstimator
 from dht.lineage import Verdict, fork_choice
 from dht.node import ping_peers
 from dht.records import RECORD_TTL, ProgressRecord, vouched_state
@@ -61,6 +62,8 @@ class SwarmView:
         self._entry_peers = [m.rsplit("/p2p/", 1)[-1] for m in initial_peers if "/p2p/" in m]
         self._seen: dict[str, float] = {}
         self._last_rejoin = time.monotonic()
+        self.clock = ClockEstimator()  # fed by every read of the board: record times against read times
+        self.last_read: list[ProgressRecord] = []  # the other live peers at the newest read
 
     def publish(self, *, force: bool = False, wait: bool = False) -> None:
         """Store this peer's record, derived from its round state (at most every PUBLISH_EVERY seconds
@@ -115,10 +118,13 @@ class SwarmView:
 
     def _read(self) -> tuple[list[ProgressRecord], list[ProgressRecord]]:
         try:
+            started = get_dht_time()
             records = [r for r in self.board.read() if r.peer_id != self.peer_id]
         except Exception as e:
             logger.warning("could not read the progress board: %s", e)
             return [], []
+        self.clock.observe({r.peer_id: r.time for r in records}, read_started=started, read_at=get_dht_time())
+        self.last_read = records
         mine = [r for r in records if r.origin == self.origin]
         now = time.monotonic()
         for r in mine:
