@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,11 @@ from checkpoints.writer import check_state, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
-# Sort key of a checkpoint: (epoch, inner_step, save sequence, dir name); larger is newer.
+# Sort key of a checkpoint: (save sequence, epoch, inner_step, dir name); larger is newer. The save order comes
+# first, not the epoch: a worker that left a losing lineage for the swarm's (dht.lineage) may go back to an
+# earlier epoch, and its newest state is what it saved last, not the other lineage's later epoch.
 _Key = tuple[int, int, int, str]
+_UNREADABLE = sys.maxsize  # the sequence of a checkpoint whose manifest cannot be read
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,14 +145,15 @@ class CheckpointStore:
             try:
                 sequence = read_manifest(path).sequence
             except InvalidCheckpointError:
-                sequence = -1  # still listed, so that load_latest reports why it is unusable
-            entries.append(((name.epoch, name.inner_step, sequence, dirname), path))
+                # Listed first, so that load_latest tries it and reports why it is unusable.
+                sequence = _UNREADABLE
+            entries.append(((sequence, name.epoch, name.inner_step, dirname), path))
         entries.sort(reverse=True)
         return entries
 
     def _next_sequence(self) -> int:
         # Larger than every checkpoint present, which is all the ordering needs.
-        return max((key[2] for key, _ in self._entries()), default=-1) + 1
+        return max((key[0] for key, _ in self._entries() if key[0] != _UNREADABLE), default=-1) + 1
 
     def _move_into_place(self, tmp: Path, final: Path) -> None:
         if final.exists():
@@ -172,7 +177,12 @@ class CheckpointStore:
         A pruning failure is logged, not raised: the save itself has succeeded.
         """
         try:
-            doomed = [path for _, path in self._entries()[self.keep :] if path != just_saved]
+            entries = self._entries()
+            # A checkpoint whose manifest cannot be read can never be loaded; once a newer one is saved it
+            # only takes a place among the kept ones.
+            good = [path for key, path in entries if key[0] != _UNREADABLE]
+            bad = [path for key, path in entries if key[0] == _UNREADABLE]
+            doomed = [path for path in bad + good[self.keep :] if path != just_saved]
             for path in doomed:
                 # Rename first so a crash mid-delete never leaves a half-deleted dir that
                 # still carries a checkpoint name.

@@ -142,7 +142,9 @@ def test_param_sha256_is_stable_and_sensitive_to_one_bit() -> None:
 # --- ordering, replacement, pruning ----------------------------------------------------
 
 
-def test_order_is_epoch_then_step_then_save_sequence(tmp_path: Path) -> None:
+def test_order_is_the_save_order_whatever_the_epoch(tmp_path: Path) -> None:
+    # A worker that leaves a losing lineage for the swarm's may go back to an earlier epoch (dht.lineage):
+    # its newest state is what it saved last, not the other lineage's later epoch.
     store = CheckpointStore(directory=tmp_path, keep=10)
     store.save(make_state(2, inner_step=5))
     store.save(make_state(3))
@@ -153,11 +155,14 @@ def test_order_is_epoch_then_step_then_save_sequence(tmp_path: Path) -> None:
     assert epochs(store.list()) == [
         "epoch-000003-a",
         "epoch-000003-b",
-        "epoch-000003",
-        "epoch-000002-step-000005",
         "epoch-000002",
         "epoch-000001-step-000009",
+        "epoch-000003",
+        "epoch-000002-step-000005",
     ]
+    assert store.load_latest().state.epoch == 3
+    store.save(make_state(1, inner_step=9))  # the same name again: replaced, and now the newest
+    assert epochs(store.list())[0] == "epoch-000001-step-000009" and store.load_latest().state.epoch == 1
 
 
 def test_pruning_keeps_the_newest_k(tmp_path: Path) -> None:
@@ -165,9 +170,9 @@ def test_pruning_keeps_the_newest_k(tmp_path: Path) -> None:
     for epoch in range(1, 5):
         store.save(make_state(epoch))
     assert epochs(store.list()) == ["epoch-000004", "epoch-000003"]
-    # An older save (say, after rolling back) is kept even though it is not among the newest.
+    # A save of an earlier epoch (a worker that went back to the swarm's lineage) is the newest now.
     store.save(make_state(1))
-    assert epochs(store.list()) == ["epoch-000004", "epoch-000003", "epoch-000001"]
+    assert epochs(store.list()) == ["epoch-000001", "epoch-000004"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
