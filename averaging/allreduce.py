@@ -67,13 +67,15 @@ _RECEIVE_WINDOW_LANES = 2
 class AllReduceFailed(AllreduceException):
     """This attempt did not produce a complete, reducer-issued result on this member.
 
-    ``blamed`` names the members this member saw cause it: silent past a timeout, or breaking the protocol.
-    A member whose stream merely ended is not blamed: that is what an innocent member whose own attempt
-    failed does, and blaming it would split the survivors of one dead peer."""
+    ``blamed`` names the members this member saw cause it: breaking the protocol (``certain``), or silent
+    past a timeout (not certain: a member that started late, waiting for a dead peer itself, looks the
+    same once). A member whose stream merely ended is not blamed: that is what an innocent member whose
+    own attempt failed does, and blaming it would split the survivors of one dead peer."""
 
-    def __init__(self, message: str, *, blamed: Sequence[str] = ()) -> None:
+    def __init__(self, message: str, *, blamed: Sequence[str] = (), certain: bool = False) -> None:
         super().__init__(message)
         self.blamed = tuple(blamed)
+        self.certain = certain
 
 
 class _ReducedChunk:
@@ -362,17 +364,17 @@ class IdenticalAllReduce:
             raise AllReduceFailed(f"{peer} sent {name}")
         blamed = [str(peer)]
         if expected_code == averaging_pb2.PART_FOR_AVERAGING and message.group_id != self.group_id:
-            raise AllReduceFailed(f"{peer} sent a part for another group", blamed=blamed)
+            raise AllReduceFailed(f"{peer} sent a part for another group", blamed=blamed, certain=True)
         part = message.tensor_part
         if part.dtype != self._codec.wire_name or list(part.size) != [numel] or part.compression:
             raise AllReduceFailed(
                 f"{peer} sent a part with dtype={part.dtype!r} size={list(part.size)}, expected {numel}",
-                blamed=blamed,
+                blamed=blamed, certain=True,
             )
         if part.chunks != index:
-            raise AllReduceFailed(f"{peer} sent chunk {part.chunks} where chunk {index} was due", blamed=blamed)
+            raise AllReduceFailed(f"{peer} sent chunk {part.chunks} where chunk {index} was due", blamed=blamed, certain=True)
         if len(part.buffer) != self._codec.encoded_nbytes(numel):
-            raise AllReduceFailed(f"{peer} sent {len(part.buffer)} bytes for {numel} values", blamed=blamed)
+            raise AllReduceFailed(f"{peer} sent {len(part.buffer)} bytes for {numel} values", blamed=blamed, certain=True)
         return part.buffer
 
     # ---------------------------------------------------------------- reducer side

@@ -87,6 +87,17 @@ class _RoundProgress:
     attempts: int = 0  # failed attempts
     failures: list[str] = field(default_factory=list)  # the last _MAX_FAILURES_KEPT reasons
     blamed: list[str] = field(default_factory=list)  # members a failed attempt named as its cause, oldest first
+    suspected: dict[str, int] = field(default_factory=dict)  # timeouts so far, by member
+
+    def blame(self, error: BaseException, *, me: str) -> None:
+        """A protocol violation is blamed at once; silence only the second time (it may not be the
+        member's fault once: it started late, or was waiting for a dead peer itself)."""
+        for peer in getattr(error, "blamed", ()):
+            if peer == me or peer in self.blamed:
+                continue
+            self.suspected[peer] = self.suspected.get(peer, 0) + 1
+            if getattr(error, "certain", False) or self.suspected[peer] >= 2:
+                self.blamed.append(peer)
 
     def failed(self, reason: str) -> None:
         self.attempts += 1
@@ -324,9 +335,7 @@ class RoundBackend(DecentralizedAverager):
             step.set_result(stats)
         except Exception as e:
             progress.failed(f"group of {group_info.group_size}: {e!r}")
-            for peer in getattr(e, "blamed", ()):
-                if peer != str(self.peer_id) and peer not in progress.blamed:
-                    progress.blamed.append(peer)
+            progress.blame(e, me=str(self.peer_id))
             logger.info(f"averaging attempt in a group of {group_info.group_size} failed: {e!r}")
             await asyncio.sleep(_RETRY_PAUSE_S)
 

@@ -177,12 +177,10 @@ class CheckpointStore:
         A pruning failure is logged, not raised: the save itself has succeeded.
         """
         try:
-            entries = self._entries()
-            # A checkpoint whose manifest cannot be read can never be loaded; once a newer one is saved it
-            # only takes a place among the kept ones.
-            good = [path for key, path in entries if key[0] != _UNREADABLE]
-            bad = [path for key, path in entries if key[0] == _UNREADABLE]
-            doomed = [path for path in bad + good[self.keep :] if path != just_saved]
+            # A checkpoint whose manifest cannot be read is neither counted nor deleted (someone may want to
+            # look at it): it takes no place among the `keep` newest.
+            good = [path for key, path in self._entries() if key[0] != _UNREADABLE]
+            doomed = [path for path in good[self.keep :] if path != just_saved]
             for path in doomed:
                 # Rename first so a crash mid-delete never leaves a half-deleted dir that
                 # still carries a checkpoint name.

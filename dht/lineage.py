@@ -8,15 +8,19 @@ every peer computes the same answer to two questions:
 
 - Which heads are *tips*: states that no other live head descends from. A peer behind on a
   chain (mid-round while its groupmates moved on, a slow restart) is not a fork.
-- Which tip wins (``fork_choice``): the most tokens trained, then the most peers holding it,
-  then the smallest hash. Tokens measure the work in a state, so a lone peer that stepped
-  alone (its own tokens) loses to a group (everyone's), and the half of a healed partition
-  that trained more wins over the other, whatever their epochs.
+- Which tip wins (``fork_choice``): the most tokens trained, then the most peers holding it, then
+  the smallest hash. Tokens measure the work in a state, so a lone peer that stepped alone (its
+  own tokens) loses to a group (everyone's), and the half of a healed partition that trained more
+  wins over the other, whatever their epochs. Head count does not come first on purpose: two
+  newcomers that trained one round together before they found the swarm (a DHT split at start-up)
+  must not pull a lone veteran back to their epoch 1.
 
 A peer whose head is neither the winning tip nor behind on its chain is *forked*: it fetches the
 winner's state (at whatever epoch) before contributing again. What this rule cannot check: the
-tokens are each peer's claim. Bounding what a hostile peer may claim is the job of the contribution
-checks, not of this rule.
+tokens are each peer's claim, so one signed record claiming more tokens than everyone else (a hostile
+peer, with a matching signed offer) pulls every peer onto its state, which the majority rule for
+catching up (``dht.records.vouched_state``) does not allow. Bounding what a peer may claim belongs
+with the contribution checks of an open swarm.
 """
 
 from __future__ import annotations
@@ -76,18 +80,23 @@ def _order(lineage: Lineage) -> tuple[int, int, str]:
     return -tokens, -holders, digest
 
 
+def _representative(group: list[Head]) -> Head:
+    """The head that speaks for one state's holders. Honest holders agree on its lineage; where they do
+    not (a resume from a checkpoint older than lineages, a malformed donor), every peer must pick the same
+    one whatever order the DHT returned the records in."""
+    return min(group, key=lambda h: (-h.trained_tokens, -len(h.ancestry), h.peer_id))
+
+
 def lineages(heads: Iterable[Head]) -> list[Lineage]:
     """The swarm's lineages, best first (``fork_choice`` is the first). A head may be behind on several."""
     by_state: dict[tuple[int, str], list[Head]] = {}
     for head in heads:
         by_state.setdefault(head.state, []).append(head)
-    states = [group[0] for group in by_state.values()]
+    states = [_representative(group) for group in by_state.values()]
     tips = [s for s in states if not any(other.descends_from(s) for other in states)]
     found = []
     for tip in tips:
         holders = tuple(sorted(h.peer_id for h in by_state[tip.state]))
-        # The tip's record with the most tokens speaks for it (honest holders all claim the same).
-        tip = max(by_state[tip.state], key=lambda h: h.trained_tokens)
         behind = tuple(sorted(h.peer_id for s in states if tip.descends_from(s) for h in by_state[s.state]))
         found.append(Lineage(tip=tip, holders=holders, behind=behind))
     return sorted(found, key=_order)
@@ -112,9 +121,13 @@ class Verdict:
         return self.standing is Standing.FORKED
 
 
-def fork_choice(heads: Iterable[Head], *, mine: Head) -> Verdict:
-    """Where `mine` stands among `heads` (the other live in-sync peers of the run)."""
-    everyone = [h for h in heads if h.peer_id != mine.peer_id] + [mine]
+def fork_choice(heads: Iterable[Head], *, mine: Head, counted: bool = True) -> Verdict:
+    """Where `mine` stands among `heads` (the other live in-sync peers of the run).
+
+    With `counted` False (this peer is out of sync: the others do not count its record either) its head
+    takes no part in choosing the winner; with nobody else, it stands on its own tip."""
+    others = [h for h in heads if h.peer_id != mine.peer_id]
+    everyone = [*others, mine] if counted or not others else others
     winner = lineages(everyone)[0]
     if mine.state == winner.tip.state:
         standing = Standing.TIP

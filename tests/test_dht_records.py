@@ -66,9 +66,27 @@ def test_a_lone_peer_one_epoch_ahead_loses_to_the_group_it_left() -> None:
              Head("p2", 2, "c" * 64, ahead.trained_tokens, ("b" * 16, "a" * 16))]
     verdict = fork_choice(group, mine=ahead)
     assert ahead.epoch == 3 and verdict.forked and verdict.winner.tip.epoch == 2
-    # With more tokens the lineage ahead would win, whoever holds it: work, not head count, decides first.
+    # With more tokens the lineage ahead would win, whoever holds it: work, not head count, decides first
+    # (two newcomers that trained a round together must not pull a lone veteran back).
     richer = Head("me", 3, ahead.param_sha256, ahead.trained_tokens + 1, ahead.ancestry)
     assert fork_choice(group, mine=richer).standing is Standing.TIP
+
+
+def test_holders_that_disagree_on_a_lineage_give_every_peer_the_same_answer() -> None:
+    # Two holders of state x: one knows its ancestry, one resumed from a checkpoint older than lineages.
+    knows, forgot = Head("a", 2, "x" * 64, 300, ("w" * 16,)), Head("f", 2, "x" * 64, 0, ())
+    slow = Head("s", 1, "w" * 64, 200, ())
+    for order in ([knows, forgot], [forgot, knows]):
+        assert fork_choice(order, mine=slow).standing is Standing.BEHIND
+        assert [len(lin.holders) for lin in lineages([*order, slow])] == [2]
+
+
+def test_an_out_of_sync_peer_does_not_vote_for_its_own_state() -> None:
+    # Repairing, its record says in_sync=False and the others leave it out: so does its own fork choice.
+    a, b = Head("p1", 3, "a" * 64, 100, ()), Head("me", 3, "0" * 64, 100, ())
+    assert fork_choice([a], mine=b).standing is Standing.TIP  # counted: a tie, the smaller hash wins
+    assert fork_choice([a], mine=b, counted=False).forked
+    assert fork_choice([], mine=b, counted=False).standing is Standing.TIP
 
 
 def test_healed_partition_halves_converge_on_the_one_that_trained_more() -> None:

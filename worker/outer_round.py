@@ -94,7 +94,9 @@ def decide(f: RoundFacts) -> Outcome | None:
     if f.partners is None:
         return None
     # A lone step beside live peers of the same theta_g would fork the swarm into two lineages.
-    return Outcome.EXTENDED if f.partners and f.may_extend else Outcome.ALONE
+    if f.partners and f.may_extend:
+        return Outcome.STOPPED if f.stop_requested else Outcome.EXTENDED
+    return Outcome.ALONE
 
 
 @dataclass(frozen=True)
@@ -244,9 +246,13 @@ class OuterRound:
         return replace(r.facts, group_size=1, swarm_ahead=False, partners=0)
 
     def check_partners(self, r: _Round) -> RoundFacts:
-        """No group formed: does any live peer still hold this theta_g (a failed attempt, a slower peer)?"""
-        return replace(r.facts, partners=self.swarm.partners(),
-                       may_extend=self.state.extensions < MAX_EXTENSIONS)
+        """No group formed: were peers of this lineage ready to average (a failed attempt), or are they now?
+
+        Those ready when this worker waited for its members count even if they have since moved on to an
+        extension of their own (their record then shows inner step 0)."""
+        ready_then = r.members.ready - 1 if r.members else 0
+        partners = max(ready_then, self.swarm.partners(inner_steps=self.timing.inner_steps))
+        return replace(r.facts, partners=partners, may_extend=self.state.extensions < MAX_EXTENSIONS)
 
     # -- the end of the round ------------------------------------------------------------------
 

@@ -98,6 +98,7 @@ class StateSync:
                 notice(f"theta_g at epoch {self.state.epoch} is on the swarm's lineage: no repair needed")
                 self.state.in_sync = True
                 self.swarm.publish(force=True)
+                self.offer()  # the round withdrew it: peers of other lineages may be fetching this state
                 return
             if self.catch_up(avoid_hash=self.state.param_sha256):
                 notice(f"repaired: theta_g now matches the swarm at epoch {self.state.epoch}")

@@ -17,7 +17,7 @@ from hivemind.utils import get_dht_time
 
 from dht.board import PROGRESS, SignedBoard
 from dht.clock import ClockEstimator
-from dht.lineage import Verdict, fork_choice
+from dht.lineage import Verdict, fork_choice, lineages
 from dht.node import ping_peers
 from dht.records import RECORD_TTL, ProgressRecord, vouched_state
 from worker.round_state import RoundState
@@ -88,7 +88,9 @@ class SwarmView:
         """Ping the entry peers and the peers seen lately but not in the newest read (a partition, or a
         DHT that split at start-up): whoever answers is back in this node's routing table."""
         self._last_rejoin = now
-        missing = [p for p, seen in self._seen.items() if now - seen > PUBLISH_EVERY and now - seen < FORGET_AFTER]
+        lost = sorted(((seen, p) for p, seen in self._seen.items() if PUBLISH_EVERY < now - seen < FORGET_AFTER),
+                      reverse=True)  # the most recently lost first
+        missing = [p for _, p in lost]
         ping_peers(self.board.dht, list(dict.fromkeys([*self._entry_peers, *missing[:MAX_PINGS]])))
 
     def _keep_alive(self) -> None:
@@ -178,17 +180,30 @@ class SwarmView:
         self, *, since: int, until: float = 0.0, stop: Callable[[], bool] = lambda: False,
     ) -> tuple[int, str] | None:
         """The (epoch, theta_g hash) a majority of the live peers at epoch `since` or later vouch for
-        (`dht.records.vouched_state`). While some peer is past `since` but no claim has a majority yet
-        (the swarm is between two epochs), ask again until the monotonic time `until`.
+        (`dht.records.vouched_state`), counting only the peers on the winning lineage (`dht.lineage`): a
+        losing lineage with more peers at later epochs must not pull anyone back onto it. While some peer
+        is past `since` but no claim has a majority yet (the swarm is between two epochs), ask again until
+        the monotonic time `until`.
         """
         while True:
-            records = self._fresh_in_sync()
+            records = self._on_winning_chain(self._fresh_in_sync())
             claim = vouched_state(records, since=since)
             moving = any(r.epoch > since for r in records)
             if claim is not None or not moving or time.monotonic() >= until or stop():
                 return claim
             self._keep_alive()
             time.sleep(0.2)
+
+    def _on_winning_chain(self, records: list[ProgressRecord]) -> list[ProgressRecord]:
+        """The records of the peers holding the fork choice's winning tip or behind on its chain."""
+        if not records:
+            return records
+        heads = [r.head() for r in records]
+        if self.state.in_sync:
+            heads.append(self.state.head(self.peer_id))
+        winner = lineages(heads)[0]
+        chain = {*winner.holders, *winner.behind}
+        return [r for r in records if r.peer_id in chain]
 
     def overtaken_at(self, *, epoch: int) -> int:
         """The epoch the swarm moved on to while this worker is still at `epoch` (-1 when it did not):
@@ -210,17 +225,18 @@ class SwarmView:
         """Where this peer's theta_g stands against the fork choice over every live in-sync peer of the run,
         whatever their epochs (``dht.lineage``)."""
         heads = [r.head() for r in self._fresh_in_sync()]
-        return fork_choice(heads, mine=self.state.head(self.peer_id))
+        return fork_choice(heads, mine=self.state.head(self.peer_id), counted=self.state.in_sync)
 
     def fork_target(self) -> tuple[int, str] | None:
         """The (epoch, hash) of the winning lineage's tip when this peer is on another one; else None."""
         verdict = self.verdict()
         return verdict.winner.tip.state if verdict.forked else None
 
-    def partners(self) -> int:
-        """Live in-sync peers of this peer's lineage that are not past it: those holding its theta_g, and
-        those on an earlier state of its chain (slower, or catching up). They will average with it next
-        round, so a lone step now would only fork the swarm."""
+    def partners(self, *, inner_steps: int) -> int:
+        """Live in-sync peers of this peer's lineage, not past it, that finished their inner phase: those
+        holding its theta_g, and those at the outer step of an earlier state of its chain. They are
+        averaging, or could be, so a lone step now would fork the swarm. A peer still training is not
+        counted: it is merely slower, and it will take this peer's state when it finds itself overtaken."""
         mine = self.state.head(self.peer_id)
-        heads = [r.head() for r in self._fresh_in_sync()]
-        return sum(1 for h in heads if h.state == mine.state or mine.descends_from(h))
+        ready = [r for r in self._fresh_in_sync() if r.inner_step >= inner_steps]
+        return sum(1 for r in ready if r.head().state == mine.state or mine.descends_from(r.head()))
