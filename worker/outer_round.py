@@ -5,7 +5,7 @@ At the end of each inner phase the worker runs ``OuterRound.run``. Its phases, i
 1. ``pseudo_gradient``: delta = theta_g - theta_local; a non-finite delta drops the round.
 2. ``check_agreement``: theta_g must still agree with the swarm's (signed progress records);
    a disagreement ends the round as DESYNC (the loop repairs before contributing again).
-3. ``wait_for_members``: wait (half the outer step's time at most) for this round's peers.
+3. ``wait_for_members``: wait (``RoundTiming.members_wait`` at most) for this round's peers.
 4. ``average``: average delta with them (``averaging.SwarmAverager``).
 5. ``check_overtaken``: alone while the swarm already settled this epoch? Take its state instead.
 6. ``apply``: the outer step on the averaged (or, alone, this worker's own) delta.
@@ -101,14 +101,35 @@ class RoundReport:
     swarm_epoch: int = -1  # where the swarm was, for OVERTAKEN
 
 
+# How long a worker at its outer step waits for peers still in their inner phase when the outer step's
+# bound is auto. Not scaled by the payload: a fast worker must not wait minutes for a slow one.
+MEMBERS_WAIT_S = 30.0
+
+
 @dataclass(frozen=True)
 class RoundTiming:
-    """Bounds on one outer step (``[swarm]`` config): request < matchmaking < averaging timeout."""
+    """Bounds on one outer step (``[swarm]`` config): request < matchmaking < averaging timeout.
 
-    averaging_timeout: float  # the whole outer step: waiting, matchmaking and the all-reduce
+    With ``averaging_timeout`` given, it bounds the whole outer step and the wait for members is
+    half of it. None (auto): the wait for members is ``MEMBERS_WAIT_S`` and the rest is what the
+    averager says its payload needs (``SwarmAverager.round_time``: bytes over measured bandwidth).
+    """
+
+    averaging_timeout: float | None  # the whole outer step (waiting, matchmaking, all-reduce); None: auto
     matchmaking_time: float  # one matchmaking window
     request_timeout: float  # one request to a peer
     inner_steps: int  # H: how far a member's inner phase goes
+
+    @property
+    def members_wait(self) -> float:
+        """The longest wait for this round's peers still in their inner phase."""
+        return MEMBERS_WAIT_S if self.averaging_timeout is None else self.averaging_timeout / 2
+
+    def outer_step_s(self, averager: SwarmAverager) -> float:
+        """The whole outer step's bound: as given, else the wait for members plus the averager's round."""
+        if self.averaging_timeout is not None:
+            return self.averaging_timeout
+        return self.members_wait + averager.round_time()
 
 
 # What a round that never called the averager reports: alone, nothing sent.
@@ -143,7 +164,8 @@ class OuterRound:
 
     def run(self) -> RoundReport:
         began = time.perf_counter()
-        r = _Round(epoch=self.state.epoch, deadline=time.monotonic() + self.timing.averaging_timeout)
+        bound = self.timing.outer_step_s(self.averager)
+        r = _Round(epoch=self.state.epoch, deadline=time.monotonic() + bound)
         phases = (self.pseudo_gradient, self.check_agreement, self.wait_for_members, self.average,
                   self.check_overtaken)
         outcome = None
@@ -169,11 +191,11 @@ class OuterRound:
 
     def wait_for_members(self, r: _Round) -> RoundFacts:
         """Tell the others this worker is ready, then wait (bounded) for the peers still in their inner
-        phase: half of the outer step's time at most, so that matchmaking and the all-reduce keep the rest."""
+        phase: ``members_wait`` at most, so that matchmaking and the all-reduce keep the rest."""
         self.swarm.publish(force=True)
         r.members = self.swarm.wait_for_round(
             epoch=r.epoch, param_sha256=self.state.param_sha256, inner_steps=self.timing.inner_steps,
-            until=time.monotonic() + max(0.0, self.timing.averaging_timeout / 2), stop=self.stop,
+            until=time.monotonic() + max(0.0, self.timing.members_wait), stop=self.stop,
         )
         # A stop while waiting is all this phase decides (group_size stays open: decide() says STOPPED).
         return r.facts
