@@ -31,11 +31,13 @@ BANDWIDTH_FLOOR = 10e6 / 8
 MARGIN = 2.0
 # Fixed time of every attempt on top of the transfer: connecting streams, the first chunk's round trip.
 SETUP_S = 10.0
-# How many chunks may be queued on one link ahead of a stream's next chunk: a member keeps about 4
-# streams per peer pair, each reducer lets a fast sender run 2 lanes ahead, and both directions share
-# a home link. The silence a live stream can see is about the time those chunks take.
+# What may be queued on a link ahead of a live stream's next chunk: p2pd's yamux windows and the TCP
+# send buffer (measured: a 150m int8 round between 2 peers on 10 Mbit/s tbf links sees gaps of 5.3-6.6 s
+# between two messages of one stream, about 7 MB at that rate), plus the chunks of the other streams
+# (about 4 per peer pair, and each reducer lets a fast sender run 2 lanes ahead).
+TRANSPORT_BUFFER = 8_000_000
 CHUNKS_AHEAD = 16
-# ... on a link this many times slower than the floor (congested: the slowest a first round serves).
+# ... drained by a link this many times slower than the floor (congested: the slowest a first round serves).
 CONGESTION = 4.0
 # The chunk silence timeout is never shorter than this (seconds): what it was when it was fixed.
 MIN_NEXT_CHUNK_S = 5.0
@@ -63,8 +65,9 @@ class PayloadTimeouts:
 
     * one attempt: ``SETUP_S + MARGIN * allreduce_bytes(S, N) / rate``, at the rate measured
       (``LinkRate``) or ``floor``; its cap for any group (``attempt_cap_s``) is the floor's at 2 S;
-    * the chunk silence timeout: ``max(MIN_NEXT_CHUNK_S, CHUNKS_AHEAD * chunk_bytes * CONGESTION
-      / floor)``: the chunks queued ahead of one stream, on a link a quarter of the floor;
+    * the chunk silence timeout: ``max(MIN_NEXT_CHUNK_S, (TRANSPORT_BUFFER + CHUNKS_AHEAD *
+      chunk_bytes) * CONGESTION / floor)``: what may be queued ahead of one stream, drained by a
+      link at a quarter of the floor (29 s for int8 chunks, 39 s for fp32);
     * a whole round (``round_s``): two matchmaking windows and requests, a dead peer's detection
       (``2 * next_chunk_s``) and two attempts, i.e. room for one retry.
     """
@@ -97,7 +100,8 @@ class PayloadTimeouts:
     @property
     def next_chunk_s(self) -> float:
         """Silence after which a member is dead: what the chunks queued ahead of it take when congested."""
-        return max(MIN_NEXT_CHUNK_S, CHUNKS_AHEAD * self.chunk_bytes * CONGESTION / self.floor)
+        queued = TRANSPORT_BUFFER + CHUNKS_AHEAD * self.chunk_bytes
+        return max(MIN_NEXT_CHUNK_S, queued * CONGESTION / self.floor)
 
     def round_s(self, settings: RoundSettings, group_size: int | None, rate: float | None = None) -> float:
         """The time a whole call of ``SwarmAverager.average`` gets: matchmaking, an attempt, and a retry."""

@@ -236,7 +236,7 @@ class SwarmConfig(_Section):
 
     next_chunk_timeout: float | Literal["auto"] = "auto"
     """Silence (seconds) after which an all-reduce peer counts as dead; at most half of averaging_timeout;
-    auto: the chunks queued on a congested 2.5 Mbit/s link, never under 5 s."""
+    auto: what p2pd and TCP may queue ahead of a stream, drained at 2.5 Mbit/s (about 30 s; at least 5 s)."""
 
     matchmaking_time: float = Field(5.0, gt=0)
     """How long a worker gathers peers for a round once it reaches the outer step."""
