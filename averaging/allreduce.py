@@ -372,9 +372,11 @@ class IdenticalAllReduce:
                 blamed=blamed, certain=True,
             )
         if part.chunks != index:
-            raise AllReduceFailed(f"{peer} sent chunk {part.chunks} where chunk {index} was due", blamed=blamed, certain=True)
+            raise AllReduceFailed(f"{peer} sent chunk {part.chunks} where chunk {index} was due",
+                                  blamed=blamed, certain=True)
         if len(part.buffer) != self._codec.encoded_nbytes(numel):
-            raise AllReduceFailed(f"{peer} sent {len(part.buffer)} bytes for {numel} values", blamed=blamed, certain=True)
+            raise AllReduceFailed(f"{peer} sent {len(part.buffer)} bytes for {numel} values",
+                                  blamed=blamed, certain=True)
         return part.buffer
 
     # ---------------------------------------------------------------- reducer side
@@ -468,7 +470,9 @@ class IdenticalAllReduce:
                     f"{peer} stopped after {received} of {len(chunks)} chunks of lane {lane}"
                 ) from None
             except TimeoutError:
-                raise AllReduceFailed(f"{peer} sent nothing for {self._sender_timeout}s", blamed=[str(peer)]) from None
+                raise AllReduceFailed(
+                    f"{peer} sent nothing for {self._sender_timeout}s", blamed=[str(peer)]
+                ) from None
             payload = self._check_message(message, averaging_pb2.PART_FOR_AVERAGING, index, end - start, peer)
             self.bytes_received += len(payload)
             values = await loop.run_in_executor(None, self._codec.decode, payload, end - start)

@@ -32,7 +32,7 @@ from hivemind.utils import get_dht_time, get_logger
 
 from averaging.backend import RoundBackend
 from averaging.compression import all_finite, get_codec
-from averaging.settings import RoundSettings
+from averaging.settings import LinkRate, PayloadTimeouts, RoundSettings
 from averaging.tickets import RoundTicket, round_key_prefix, schema_digest
 
 logger = get_logger(__name__)
@@ -85,7 +85,14 @@ class SwarmAverager:
     * Per call, the ``deadline`` caps everything: no attempt runs past it, and
       ``average`` returns by ``deadline + request_timeout + 1 s`` at the latest. A round
       needs about ``matchmaking_time`` (less when ``target_group_size`` peers show up
-      at once) plus the all-reduce; give the deadline room for a retry.
+      at once) plus the all-reduce; give the deadline room for a retry. ``round_time``
+      says how much for this payload: it grows with the bytes a member moves and
+      shrinks with the rate this peer measured in its own earlier rounds.
+    * ``allreduce_timeout`` and ``next_chunk_timeout`` given as None are derived from the
+      payload (``averaging.settings.PayloadTimeouts``): the attempt cap is what a group
+      of any size needs at ``BANDWIDTH_FLOOR`` (``SETUP_S + MARGIN * 2 S / floor``, S the
+      codec bytes of the template), the chunk silence what the chunks queued ahead of one
+      stream take on a congested link (never under 5 s, and at most half the attempt cap).
 
     :param dht: a started hivemind DHT (its process serves this averager's RPCs)
     :param run_id: the training run; only peers of the same run average together
@@ -93,8 +100,9 @@ class SwarmAverager:
     :param compression: ``none``, ``fp16`` or ``int8`` (blockwise); applies to both directions
     :param matchmaking_time: how long a leader gathers followers before starting (seconds)
     :param request_timeout: how long a follower waits for a leader's answer (seconds)
-    :param allreduce_timeout: cap on one all-reduce attempt (seconds)
-    :param next_chunk_timeout: silence after which a member is considered dead (seconds)
+    :param allreduce_timeout: cap on one all-reduce attempt (seconds; None: from the payload)
+    :param next_chunk_timeout: silence after which a member is considered dead (seconds; None:
+      from the payload)
     :param target_group_size: start as soon as this many peers joined (None: no cap; wait
       ``matchmaking_time``)
     :param min_group_size: fewer peers than this do not average
@@ -117,8 +125,8 @@ class SwarmAverager:
         # The defaults are RoundSettings' (a dataclass's class attributes hold its field defaults).
         matchmaking_time: float = RoundSettings.matchmaking_time,
         request_timeout: float = RoundSettings.request_timeout,
-        allreduce_timeout: float = RoundSettings.allreduce_timeout,
-        next_chunk_timeout: float = RoundSettings.next_chunk_timeout,
+        allreduce_timeout: float | None = RoundSettings.allreduce_timeout,
+        next_chunk_timeout: float | None = RoundSettings.next_chunk_timeout,
         target_group_size: int | None = RoundSettings.target_group_size,
         min_group_size: int = RoundSettings.min_group_size,
         chunk_numel: int = RoundSettings.chunk_numel,
@@ -129,6 +137,14 @@ class SwarmAverager:
             raise ValueError("run_id must be a non-empty string")
         if not template or any(t.dtype != torch.float32 for t in template):
             raise ValueError("template must be a non-empty list of float32 tensors")
+        self.codec = get_codec(compression)
+        total_numel = sum(math.prod(t.shape) for t in template)
+        self.payload = PayloadTimeouts.of(self.codec, total_numel=total_numel, chunk_numel=chunk_numel)
+        self.link = LinkRate()  # fed by each successful round; read by round_time
+        if allreduce_timeout is None:  # room for twice a given chunk timeout too
+            allreduce_timeout = max(self.payload.attempt_cap_s, 2 * (next_chunk_timeout or 0.0))
+        if next_chunk_timeout is None:
+            next_chunk_timeout = min(self.payload.next_chunk_s, allreduce_timeout / 2)
         # Checks how the timeouts and group sizes relate (ValueError otherwise).
         self.settings = RoundSettings(
             matchmaking_time=matchmaking_time,
@@ -144,7 +160,6 @@ class SwarmAverager:
         self.shapes = [tuple(t.shape) for t in template]
         self._numels = [math.prod(shape) for shape in self.shapes]
         self.total_numel = sum(self._numels)
-        self.codec = get_codec(compression)
         self.compression = compression
         self._schema = schema_digest(self.shapes, self.codec.wire_name)
         self._client_mode = dht.client_mode if client_mode is None else client_mode
@@ -155,6 +170,15 @@ class SwarmAverager:
     @property
     def peer_id(self) -> str:
         return str(self.dht.peer_id)
+
+    def round_time(self, group_size: int | None = None) -> float:
+        """Seconds a call of ``average`` in a group of ``group_size`` (None: any) should be given.
+
+        Two matchmaking windows, one attempt at the rate measured in this peer's last rounds
+        (the floor before any, or after a round that averaged nothing), a dead peer's detection
+        and a retry; see ``PayloadTimeouts.round_s``.
+        """
+        return self.payload.round_s(self.settings, group_size, self.link.rate)
 
     def start(self) -> None:
         """Start the background process (forks; do it before CUDA is touched)."""
@@ -277,7 +301,10 @@ class SwarmAverager:
                 raise
             logger.info(f"averaging round at epoch {epoch} ended alone: {e!r}")
             return self._alone(started, repr(e))
-        return self._publish(backend, output_flat, tensors, stats)
+        result = self._publish(backend, output_flat, tensors, stats)
+        self.link.observe(bytes_sent=result.bytes_sent, bytes_received=result.bytes_received,
+                          allreduce_s=result.allreduce_s)
+        return result
 
     def _started(self) -> tuple[RoundBackend, torch.Tensor, torch.Tensor]:
         """The background process and the two shared buffers; RuntimeError before ``start``."""
@@ -296,6 +323,7 @@ class SwarmAverager:
 
     def _alone(self, started: float, reason: str) -> RoundResult:
         """The result of a round that averaged nothing: the caller's tensors are untouched."""
+        self.link.forget()  # perhaps a slower group than those measured: the next round gets the floor's time
         return RoundResult(1, 0.0, time.monotonic() - started, 0, 0, [self.peer_id], [reason])
 
     def _copy_in(

@@ -86,7 +86,7 @@ class _RoundProgress:
     matchmaking_s: float = 0.0  # all matchmaking attempts, retry pauses included
     attempts: int = 0  # failed attempts
     failures: list[str] = field(default_factory=list)  # the last _MAX_FAILURES_KEPT reasons
-    blamed: list[str] = field(default_factory=list)  # members a failed attempt named as its cause, oldest first
+    blamed: list[str] = field(default_factory=list)  # members named as a failed attempt's cause, oldest first
     suspected: dict[str, int] = field(default_factory=dict)  # timeouts so far, by member
 
     def blame(self, error: BaseException, *, me: str) -> None:

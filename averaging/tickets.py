@@ -164,7 +164,9 @@ def check_group(
         for ticket, blamer in zip(tickets, peer_ids, strict=True):
             blamed = [p for p in peer_ids if ticket.excludes(p)]
             if blamed:
-                raise RoundMismatch(f"member {blamer} blames member {blamed[0]} for a failed attempt of this round")
+                raise RoundMismatch(
+                    f"member {blamer} blames member {blamed[0]} for a failed attempt of this round"
+                )
     if not any(ticket.accepts_connections for ticket in tickets):
         raise RoundMismatch("no member of the group accepts connections, nobody can reduce")
     if sum(ticket.weight for ticket in tickets) <= 0:

@@ -33,9 +33,9 @@ from checkpoints.writer import check_state, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
-# Sort key of a checkpoint: (save sequence, epoch, inner_step, dir name); larger is newer. The save order comes
-# first, not the epoch: a worker that left a losing lineage for the swarm's (dht.lineage) may go back to an
-# earlier epoch, and its newest state is what it saved last, not the other lineage's later epoch.
+# Sort key of a checkpoint: (save sequence, epoch, inner_step, dir name); larger is newer. The save order
+# comes first, not the epoch: a worker that left a losing lineage for the swarm's (dht.lineage) may go
+# back to an earlier epoch, and its newest state is what it saved last, not the other lineage's later one.
 _Key = tuple[int, int, int, str]
 _UNREADABLE = sys.maxsize  # the sequence of a checkpoint whose manifest cannot be read
 

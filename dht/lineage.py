@@ -56,7 +56,7 @@ class Head:
 
 
 def extend_ancestry(ancestry: Iterable[str], previous_hash: str) -> tuple[str, ...]:
-    """The ancestry of the state that follows the one hashed `previous_hash` (whose ancestry is `ancestry`)."""
+    """The ancestry of the state after the one hashed `previous_hash` (whose ancestry is `ancestry`)."""
     return (previous_hash[:PREFIX], *ancestry)[:ANCESTRY]
 
 

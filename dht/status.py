@@ -40,11 +40,12 @@ def newest_eval(records: list[ProgressRecord]) -> dict[str, Any] | None:
 
 
 def lineage_rows(records: list[ProgressRecord]) -> list[dict[str, Any]]:
-    """The run's lineages of theta_g, best first (the first is the one the fork choice keeps: ``dht.lineage``).
+    """The run's lineages of theta_g, best first (the first is the one the fork choice keeps, dht.lineage).
     One lineage is a swarm that agrees, whatever epochs its peers are at; more are a fork healing."""
     heads = [r.head() for r in records if r.in_sync]
     return [
-        {"epoch": lin.tip.epoch, "param_sha256": lin.tip.param_sha256, "trained_tokens": lin.tip.trained_tokens,
+        {"epoch": lin.tip.epoch, "param_sha256": lin.tip.param_sha256,
+         "trained_tokens": lin.tip.trained_tokens,
          "holders": list(lin.holders), "behind": list(lin.behind)}
         for lin in lineages(heads)
     ]
@@ -81,9 +82,11 @@ def render_table(run_id: str, records: list[ProgressRecord], console: Console) -
                       f"({tip['trained_tokens']:,} tokens), held by {len(tip['holders'])} peer(s), "
                       f"{len(tip['behind'])} catching up")
     else:
-        console.print(f"[red]{len(found)} lineages[/] (the swarm is forked; the first wins and the others fetch it):")
+        console.print(f"[red]{len(found)} lineages[/] (the swarm is forked; the first wins, the others fetch "
+                      "it):")
         for tip in found:
-            console.print(f"  {tip['param_sha256'][:12]} at epoch {tip['epoch']}: {tip['trained_tokens']:,} tokens, "
+            console.print(f"  {tip['param_sha256'][:12]} at epoch {tip['epoch']}: "
+                          f"{tip['trained_tokens']:,} tokens, "
                           f"{len(tip['holders'])} holder(s), {len(tip['behind'])} behind")
     off = [r for r in rows if r["clock_offset_s"] is not None and abs(r["clock_offset_s"]) > WARN_S]
     if off:

@@ -1,4 +1,5 @@
-"""Join addresses, signed progress records, the majority rule and the fork choice (real DHT nodes on loopback)."""
+"""Join addresses, signed progress records, the majority rule and the fork choice (real DHT nodes on
+loopback)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def chain(peer: str, hashes: str, *, tokens_per_epoch: int = 100, base: tuple[st
     for previous in hashes[:-1]:
         ancestry = extend_ancestry(ancestry, previous * 64)
         epoch, tokens = epoch + 1, tokens + tokens_per_epoch
-    return Head(peer_id=peer, epoch=epoch, param_sha256=hashes[-1] * 64, trained_tokens=tokens, ancestry=ancestry)
+    return Head(peer_id=peer, epoch=epoch, param_sha256=hashes[-1] * 64, trained_tokens=tokens,
+                ancestry=ancestry)
 
 
 def test_a_peer_behind_on_the_winning_chain_is_not_a_fork() -> None:
@@ -50,7 +52,8 @@ def test_a_peer_behind_on_the_winning_chain_is_not_a_fork() -> None:
 
 def test_a_group_beats_a_lone_step_of_the_same_round() -> None:
     # A failed attempt: "me" stepped alone from b (its own 100 tokens), p1 and p2 averaged (200).
-    group = [Head("p1", 2, "c" * 64, 300, ("b" * 16, "a" * 16)), Head("p2", 2, "c" * 64, 300, ("b" * 16, "a" * 16))]
+    group = [Head("p1", 2, "c" * 64, 300, ("b" * 16, "a" * 16)),
+             Head("p2", 2, "c" * 64, 300, ("b" * 16, "a" * 16))]
     lone = Head("me", 2, "d" * 64, 200, ("b" * 16, "a" * 16))
     verdict = fork_choice(group, mine=lone)
     assert verdict.forked and verdict.winner.tip.state == (2, "c" * 64) and verdict.heads == 3

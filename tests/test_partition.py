@@ -50,11 +50,14 @@ def newest(run_dir: Path) -> dict:
     return rounds[-1] if rounds else {}
 
 
-def test_a_healed_partition_converges_on_one_lineage(tmp_path: Path, network: netns.Network, procs: list) -> None:
+def test_a_healed_partition_converges_on_one_lineage(
+    tmp_path: Path, network: netns.Network, procs: list
+) -> None:
     hosts = network.hosts
     dirs = [tmp_path / f"w{i}" for i in range(5)]
     procs.append(start_in(hosts[0], dirs[0], "--min-peers", "5"))
-    peer = wait_for(lambda: (dirs[0] / "peer.json").exists() and json.loads((dirs[0] / "peer.json").read_text()),
+    peer_file = dirs[0] / "peer.json"
+    peer = wait_for(lambda: peer_file.exists() and json.loads(peer_file.read_text()),
                     timeout=60, what="host 0's peer.json")
     entry = next(m for m in peer["maddrs"] if m.startswith(f"/ip4/{hosts[0].address}/"))
     for host, run_dir in zip(hosts[1:], dirs[1:], strict=True):

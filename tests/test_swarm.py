@@ -179,7 +179,8 @@ def test_status_lists_live_peers(tmp_path: Path, procs: list) -> None:
     # One lineage, its tip the worker's own theta_g, with the tokens trained into it.
     [lineage] = status["lineages"]
     assert lineage["holders"] == [peer_id] and lineage["param_sha256"] == row["param_sha256"]
-    assert lineage["trained_tokens"] == 5 * 4 * 64 * lineage["epoch"]  # inner steps x batch x seq len per epoch
+    # Inner steps x batch x seq len, per epoch.
+    assert lineage["trained_tokens"] == 5 * 4 * 64 * lineage["epoch"]
     table = subprocess.run([sys.executable, "-m", "worker", "status", *entry, "--run-id", "diloco-tiny"],
                            capture_output=True, text=True, timeout=90, env=worker_env(), cwd=ROOT)
     assert table.returncode == 0 and peer_id[:16] in table.stdout and "newest eval of theta_g" in table.stdout

@@ -6,7 +6,7 @@ At the end of each inner phase the worker runs ``OuterRound.run``. Its phases, i
 2. ``check_agreement``: theta_g must be on the swarm's lineage (``dht.lineage``: the fork choice over
    every live peer's signed progress record, whatever its epoch); on another lineage the round ends as
    DESYNC (the loop fetches the winner's state before contributing again).
-3. ``wait_for_members``: wait (half the outer step's time at most) for this round's peers.
+3. ``wait_for_members``: wait (``RoundTiming.members_wait`` at most) for this round's peers.
 4. ``average``: average delta with them (``averaging.SwarmAverager``).
 5. ``check_overtaken``: alone while the swarm already settled this epoch? Take its state instead.
 6. ``check_partners``: no group, but live peers hold this theta_g? Then the round is EXTENDED: the
@@ -117,14 +117,35 @@ class RoundReport:
     total_weight: float = 0.0  # the group's summed weight (tokens), when averaged
 
 
+# How long a worker at its outer step waits for peers still in their inner phase when the outer step's
+# bound is auto. Not scaled by the payload: a fast worker must not wait minutes for a slow one.
+MEMBERS_WAIT_S = 30.0
+
+
 @dataclass(frozen=True)
 class RoundTiming:
-    """Bounds on one outer step (``[swarm]`` config): request < matchmaking < averaging timeout."""
+    """Bounds on one outer step (``[swarm]`` config): request < matchmaking < averaging timeout.
 
-    averaging_timeout: float  # the whole outer step: waiting, matchmaking and the all-reduce
+    With ``averaging_timeout`` given, it bounds the whole outer step and the wait for members is
+    half of it. None (auto): the wait for members is ``MEMBERS_WAIT_S`` and the rest is what the
+    averager says its payload needs (``SwarmAverager.round_time``: bytes over measured bandwidth).
+    """
+
+    averaging_timeout: float | None  # the whole outer step (waiting, matchmaking, all-reduce); None: auto
     matchmaking_time: float  # one matchmaking window
     request_timeout: float  # one request to a peer
     inner_steps: int  # H: how far a member's inner phase goes
+
+    @property
+    def members_wait(self) -> float:
+        """The longest wait for this round's peers still in their inner phase."""
+        return MEMBERS_WAIT_S if self.averaging_timeout is None else self.averaging_timeout / 2
+
+    def outer_step_s(self, averager: SwarmAverager) -> float:
+        """The whole outer step's bound: as given, else the wait for members plus the averager's round."""
+        if self.averaging_timeout is not None:
+            return self.averaging_timeout
+        return self.members_wait + averager.round_time()
 
 
 # What a round that never called the averager reports: alone, nothing sent.
@@ -164,7 +185,8 @@ class OuterRound:
 
     def run(self) -> RoundReport:
         began = time.perf_counter()
-        r = _Round(epoch=self.state.epoch, deadline=time.monotonic() + self.timing.averaging_timeout)
+        bound = self.timing.outer_step_s(self.averager)
+        r = _Round(epoch=self.state.epoch, deadline=time.monotonic() + bound)
         phases = (self.pseudo_gradient, self.check_agreement, self.wait_for_members, self.average,
                   self.check_overtaken, self.check_partners)
         if self.faults.strikes("step_alone", r.epoch):  # a no-op unless a test asks
@@ -192,11 +214,11 @@ class OuterRound:
 
     def wait_for_members(self, r: _Round) -> RoundFacts:
         """Tell the others this worker is ready, then wait (bounded) for the peers still in their inner
-        phase: half of the outer step's time at most, so that matchmaking and the all-reduce keep the rest."""
+        phase: ``members_wait`` at most, so that matchmaking and the all-reduce keep the rest."""
         self.swarm.publish(force=True)
         r.members = self.swarm.wait_for_round(
             epoch=r.epoch, param_sha256=self.state.param_sha256, inner_steps=self.timing.inner_steps,
-            until=time.monotonic() + max(0.0, self.timing.averaging_timeout / 2), stop=self.stop,
+            until=time.monotonic() + max(0.0, self.timing.members_wait), stop=self.stop,
         )
         # A stop while waiting is all this phase decides (group_size stays open: decide() says STOPPED).
         return r.facts
@@ -295,20 +317,23 @@ class OuterRound:
         self.swarm.publish(force=True)
         notice(
             f"[bold red]theta_g at epoch {report.epoch} ({self.state.param_sha256[:12]}, "
-            f"{self.state.trained_tokens:,} tokens) is not on the swarm's lineage: {len(v.winner.holders)} of "
-            f"{v.heads} peers hold {tip.param_sha256[:12]} at epoch {tip.epoch} ({tip.trained_tokens:,} tokens); "
+            f"{self.state.trained_tokens:,} tokens) is not on the swarm's lineage: "
+            f"{len(v.winner.holders)} of {v.heads} peers hold {tip.param_sha256[:12]} at epoch {tip.epoch} "
+            f"({tip.trained_tokens:,} tokens); "
             "fetching it before contributing again[/]"
         )
-        self.metrics.emit("desync", epoch=report.epoch, majority_hash=tip.param_sha256, votes=len(v.winner.holders),
+        self.metrics.emit("desync", epoch=report.epoch, majority_hash=tip.param_sha256,
+                          votes=len(v.winner.holders),
                           peers=v.heads, target_epoch=tip.epoch, target_tokens=tip.trained_tokens,
                           trained_tokens=self.state.trained_tokens, param_sha256=self.state.param_sha256)
         self.sync.withdraw()  # stop announcing a state the swarm does not hold
 
     def _extend(self, report: RoundReport) -> None:
-        """No group, but peers hold this theta_g: keep the local model and its tokens, train one more phase."""
+        """No group, but peers hold this theta_g: keep the local model and its tokens, train a phase more."""
         self.state.extend()
-        notice(f"[yellow]no group at the outer step of epoch {report.epoch} while peers hold the same theta_g: "
-               f"training on (extension {self.state.extensions} of {MAX_EXTENSIONS}) rather than fork the swarm[/]")
+        notice(f"[yellow]no group at the outer step of epoch {report.epoch} while peers hold the same "
+               f"theta_g: training on (extension {self.state.extensions} of {MAX_EXTENSIONS}) rather than "
+               "fork the swarm[/]")
         self.metrics.emit("round_extended", epoch=report.epoch, extensions=self.state.extensions,
                           tokens=self.state.tokens, failures=list(report.failures))
         self.swarm.publish(force=True)

@@ -269,14 +269,23 @@ class Worker:
     def _start_helpers(self, dht: hivemind.DHT) -> None:
         """The averager process, the checkpoint writer and the state server: each released in reverse."""
         cfg = self.cfg
+        # Every peer of a run picks the same codec from the same model (a mismatch would never group).
+        compression, why = cfg.swarm.codec_for(sum(d.numel() for d in self.outer.delta))
+        explicit = cfg.swarm.explicit_averaging_timeout()
         # The averager forks a process: start it before CUDA is touched (pick_device may initialise it).
         self.averager = SwarmAverager(
-            dht=dht, run_id=cfg.run.run_id, template=self.outer.params, compression=cfg.swarm.compression,
+            dht=dht, run_id=cfg.run.run_id, template=self.outer.params, compression=compression,
             matchmaking_time=cfg.swarm.matchmaking_time, request_timeout=cfg.swarm.request_timeout,
-            allreduce_timeout=cfg.swarm.averaging_timeout,
+            # None: derived from the payload (bytes per round at the bandwidth floor; SwarmAverager says how).
+            allreduce_timeout=explicit,
             # A member silent this long is dead; it must fit twice into one all-reduce (SwarmAverager checks).
-            next_chunk_timeout=min(5.0, cfg.swarm.averaging_timeout / 2),
+            # None: from the chunk bytes and the floor, never under 5 s, at most half the all-reduce cap.
+            next_chunk_timeout=cfg.swarm.explicit_next_chunk_timeout(),
         )
+        settings, payload = self.averager.settings, self.averager.payload.payload_bytes
+        notice(f"compression {compression} ({why}); payload {payload / 1e6:.1f} MB "
+               f"(codec bytes), all-reduce cap {settings.allreduce_timeout:.0f}s, chunk silence "
+               f"{settings.next_chunk_timeout:.0f}s")
         self._resources.callback(self.averager.shutdown)  # safe after a failed start too
         self.averager.start()
         # The pseudo-gradient is the averager's input buffer: one shared copy of it, none of theta_g.
@@ -330,12 +339,16 @@ class Worker:
             saver=self.saver, metrics=self.metrics,
         )
         stop = lambda: self.stop_requested  # noqa: E731 (one predicate, handed to every waiting loop)
+        timing = RoundTiming(averaging_timeout=swarm_cfg.explicit_averaging_timeout(),
+                             matchmaking_time=swarm_cfg.matchmaking_time,
+                             request_timeout=swarm_cfg.request_timeout, inner_steps=cfg.train.inner_steps)
         self.sync = StateSync(
             state=self.state, names=self.names, swarm=self.swarm, exchange=self.exchange, outer=self.outer,
             trainer=self.trainer, metrics=self.metrics, faults=self.faults, stop=stop,
             settings=SyncSettings(
                 matchmaking_time=swarm_cfg.matchmaking_time, request_timeout=swarm_cfg.request_timeout,
-                averaging_timeout=swarm_cfg.averaging_timeout, fetch_timeout=swarm_cfg.fetch_timeout,
+                # A repair waits for the swarm's outer step: as given, else its bound at the bandwidth floor.
+                averaging_timeout=timing.outer_step_s(self.averager), fetch_timeout=swarm_cfg.fetch_timeout,
                 inner_steps=cfg.train.inner_steps, outer_momentum=cfg.outer.outer_momentum,
                 show_progress=cfg.run.progress,
             ),
@@ -343,9 +356,7 @@ class Worker:
         self.round = OuterRound(
             state=self.state, names=self.names, swarm=self.swarm, averager=self.averager, outer=self.outer,
             trainer=self.trainer, sync=self.sync, metrics=self.metrics, faults=self.faults, stop=stop,
-            timing=RoundTiming(averaging_timeout=swarm_cfg.averaging_timeout,
-                               matchmaking_time=swarm_cfg.matchmaking_time,
-                               request_timeout=swarm_cfg.request_timeout, inner_steps=cfg.train.inner_steps),
+            timing=timing,
         )
 
     def _wait_for_peers(self) -> None:

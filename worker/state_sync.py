@@ -123,8 +123,8 @@ class StateSync:
             if avoid_hash is not None:  # a repair: the lineage the fork choice picks, at whatever epoch
                 vouched = self.swarm.fork_target()
             else:
-                vouched = self.swarm.vouched_state(since=self.state.epoch, stop=self.stop,
-                                                   until=until if wait_until is None else min(until, wait_until))
+                until = until if wait_until is None else min(until, wait_until)
+                vouched = self.swarm.vouched_state(since=self.state.epoch, stop=self.stop, until=until)
             return self.exchange.fetch(vouched=vouched, newer_than=self.state.epoch,
                                        expect_shapes=self._expected_shapes(), timeout=s.fetch_timeout,
                                        avoid_hash=avoid_hash, progress=bar)
