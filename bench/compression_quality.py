@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from averaging.compression import Codec, get_codec  # noqa: E402
 from averaging.outer import OuterOptimizer  # noqa: E402
 from averaging.partition import Partition  # noqa: E402
+from bench.convergence import eval_loss  # noqa: E402
 from worker.config import TrainConfig  # noqa: E402
 from worker.data import ByteTokenizer, PackedBatches, open_stream  # noqa: E402
 from worker.model import build_model  # noqa: E402
@@ -58,18 +58,6 @@ def allreduce(codec: Codec, flats: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def eval_loss(params: list[torch.Tensor], seed: int, batches: list[torch.Tensor]) -> float:
-    model = build_model("tiny", seed=seed, vocab_min=259)
-    for p, v in zip(model.parameters(), params, strict=True):
-        p.copy_(v)
-    losses = []
-    for batch in batches:
-        logits = model(input_ids=batch[:, :-1]).logits
-        losses.append(float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))))
-    return sum(losses) / len(losses)
-
-
 def run(args: argparse.Namespace, codec: Codec, seed: int, evals: list[torch.Tensor]) -> float:
     """Final held-out loss of theta_g after ``args.steps`` inner steps, averaged through ``codec``."""
     cfg = TrainConfig(inner_steps=args.inner_steps, batch_size=args.batch, lr=args.lr,
@@ -91,7 +79,7 @@ def run(args: argparse.Namespace, codec: Codec, seed: int, evals: list[torch.Ten
         for d, part in zip(outer.delta, averaged.split([d.numel() for d in outer.delta]), strict=True):
             d.copy_(part.view_as(d))
         outer.step()
-    return eval_loss(outer.params, seed, evals)
+    return eval_loss(outer.params, seed, 0, evals)
 
 
 def main() -> None:

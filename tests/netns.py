@@ -11,8 +11,10 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -30,6 +32,18 @@ def available() -> tuple[bool, str]:
         return False, f"cannot create a network namespace: {made.stderr.strip()}"
     _ip("netns", "del", probe, check=False)
     return True, ""
+
+
+def start_worker(host: Host, run_dir: Path, *args: str) -> subprocess.Popen[str]:
+    """`worker start ARGS` inside `host`, listening on its address; its output goes to run_dir/worker.log."""
+    from tests.helpers import ROOT, worker_env
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir / "worker.log", "w")  # noqa: SIM115 (the child process owns it)
+    argv = [sys.executable, "-m", "worker", "start", "--run-dir", str(run_dir), "--host-maddrs",
+            f"/ip4/{host.address}/tcp/0", "--threads", "1", "--no-progress", *args]
+    return subprocess.Popen(host.command(argv), stdout=log, stderr=subprocess.STDOUT, env=worker_env(),
+                            cwd=ROOT)
 
 
 @dataclass

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import netns
-from tests.helpers import ROOT, events, wait_for, worker_env
+from tests.helpers import events, wait_for
 
 ok, why = netns.available()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(not ok, reason=why)]
@@ -20,22 +19,14 @@ pytestmark = [pytest.mark.netns, pytest.mark.skipif(not ok, reason=why)]
 
 @pytest.fixture
 def network() -> Iterator[netns.Network]:
-    net = netns.Network.create(2, rate_mbit=200)
-    try:
+    with netns.Network.create(2, rate_mbit=200) as net:
         yield net
-    finally:
-        net.destroy()
 
 
 def start_in(host: netns.Host, run_dir: Path, *args: str) -> subprocess.Popen[str]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = open(run_dir / "worker.log", "w")  # noqa: SIM115 (the child process owns it)
-    argv = [sys.executable, "-m", "worker", "start", "--run-dir", str(run_dir), "--host-maddrs",
-            f"/ip4/{host.address}/tcp/0", "--batch-size", "4", "--seq-len", "64", "--threads", "1",
-            "--no-progress", "--inner-steps", "5", "--matchmaking-time", "2", "--request-timeout", "1",
-            "--averaging-timeout", "30", "--min-peers", "2", "--max-epochs", "3", *args]
-    return subprocess.Popen(host.command(argv), stdout=log, stderr=subprocess.STDOUT, env=worker_env(),
-                            cwd=ROOT)
+    return netns.start_worker(host, run_dir, "--batch-size", "4", "--seq-len", "64", "--inner-steps", "5",
+                              "--matchmaking-time", "2", "--request-timeout", "1",
+                              "--averaging-timeout", "30", "--min-peers", "2", "--max-epochs", "3", *args)
 
 
 def test_two_hosts_average_across_real_addresses(tmp_path: Path, network: netns.Network, procs: list) -> None:

@@ -22,27 +22,19 @@ from tests.helpers import ROOT, events, wait_for, worker_env
 ok, why = netns.available()
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.skipif(not ok, reason=why)]
 
-ROUND = ["--batch-size", "4", "--seq-len", "64", "--threads", "1", "--no-progress", "--inner-steps", "5",
+ROUND = ["--batch-size", "4", "--seq-len", "64", "--inner-steps", "5",
          "--matchmaking-time", "2", "--request-timeout", "1", "--averaging-timeout", "20",
          "--eval-every", "0", "--checkpoint-every", "100", "--max-epochs", "0"]
 
 
 @pytest.fixture
 def network() -> Iterator[netns.Network]:
-    net = netns.Network.create(5)
-    try:
+    with netns.Network.create(5) as net:
         yield net
-    finally:
-        net.destroy()
 
 
 def start_in(host: netns.Host, run_dir: Path, *args: str) -> subprocess.Popen[str]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = open(run_dir / "worker.log", "w")  # noqa: SIM115 (the child process owns it)
-    argv = [sys.executable, "-m", "worker", "start", "--run-dir", str(run_dir), "--host-maddrs",
-            f"/ip4/{host.address}/tcp/0", *ROUND, *args]
-    return subprocess.Popen(host.command(argv), stdout=log, stderr=subprocess.STDOUT, env=worker_env(),
-                            cwd=ROOT)
+    return netns.start_worker(host, run_dir, *ROUND, *args)
 
 
 def newest(run_dir: Path) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from averaging import SwarmAverager, get_codec
 from averaging.settings import LinkRate, PayloadTimeouts, RoundSettings, allreduce_bytes
 from tests import netns
-from tests.helpers import ROOT, events, wait_for, worker_env
+from tests.helpers import events, wait_for
 from worker.config import ConfigError, load_config
 from worker.outer_round import RoundTiming
 
@@ -128,25 +127,17 @@ ok, why = netns.available()
 
 @pytest.fixture
 def slow_link() -> Iterator[netns.Network]:
-    net = netns.Network.create(2, rate_mbit=10)
-    try:
+    with netns.Network.create(2, rate_mbit=10) as net:
         yield net
-    finally:
-        net.destroy()
 
 
 def start_150m(host: netns.Host, run_dir: Path, *args: str) -> subprocess.Popen[str]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = open(run_dir / "worker.log", "w")  # noqa: SIM115 (the child process owns it)
     # As cheap as a 150m worker gets: one inner step on one 16-token sequence, no evaluation, checkpoints
     # written in place (no second copy of the state). No timeout flag: the defaults are under test.
-    argv = [sys.executable, "-m", "worker", "start", "--run-dir", str(run_dir), "--host-maddrs",
-            f"/ip4/{host.address}/tcp/0", "--model", "150m", "--batch-size", "1", "--seq-len", "16",
-            "--threads", "1", "--no-progress", "--inner-steps", "1", "--warmup-steps", "0",
-            "--max-epochs", "1", "--eval-every", "0", "--no-background-checkpoints",
-            "--keep-checkpoints", "1", "--min-peers", "2", *args]
-    return subprocess.Popen(host.command(argv), stdout=log, stderr=subprocess.STDOUT, env=worker_env(),
-                            cwd=ROOT)
+    return netns.start_worker(
+        host, run_dir, "--model", "150m", "--batch-size", "1", "--seq-len", "16", "--inner-steps", "1",
+        "--warmup-steps", "0", "--max-epochs", "1", "--eval-every", "0", "--no-background-checkpoints",
+        "--keep-checkpoints", "1", "--min-peers", "2", *args)
 
 
 @pytest.mark.slow
