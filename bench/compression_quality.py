@@ -93,7 +93,11 @@ def main() -> None:
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--codecs", nargs="+", default=["none", "int8"], choices=["none", "fp16", "int8"])
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run (40 steps, one seed): checks the path, not the figure")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.inner_steps, args.seeds = 40, 10, [0]
     torch.set_num_threads(2)
     began = time.perf_counter()
     losses: dict[str, list[float]] = {name: [] for name in args.codecs}

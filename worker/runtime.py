@@ -136,7 +136,8 @@ class Worker:
         self.disk: DiskState | None = None
         self.sync: StateSync | None = None
         self.round: OuterRound | None = None
-        self.held_out: torch.Tensor | None = None  # the run's held-out sequences, when --eval-every is on
+        self.held_out: torch.Tensor | None = None
+        self._averaging_line = ""  # the compression and timeouts picked, said at start (_announce)  # the run's held-out sequences, when --eval-every is on
         self._clock_warned: float | None = None  # the clock offset last warned about (None: none since ok)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -283,9 +284,11 @@ class Worker:
             next_chunk_timeout=cfg.swarm.explicit_next_chunk_timeout(),
         )
         settings, payload = self.averager.settings, self.averager.payload.payload_bytes
-        notice(f"compression {compression} ({why}); payload {payload / 1e6:.1f} MB "
-               f"(codec bytes), all-reduce cap {settings.allreduce_timeout:.0f}s, chunk silence "
-               f"{settings.next_chunk_timeout:.0f}s")
+        # Said with the start banner (_announce), once the start can no longer fail on bad input: an error
+        # must stay the only line a failed start prints.
+        self._averaging_line = (f"compression {compression} ({why}); payload {payload / 1e6:.1f} MB "
+                                f"(codec bytes), all-reduce cap {settings.allreduce_timeout:.0f}s, chunk "
+                                f"silence {settings.next_chunk_timeout:.0f}s")
         self._resources.callback(self.averager.shutdown)  # safe after a failed start too
         self.averager.start()
         # The pseudo-gradient is the averager's input buffer: one shared copy of it, none of theta_g.
@@ -413,6 +416,8 @@ class Worker:
             f"worker {self.peer_id[:12]}… run {self.cfg.run.run_id!r}: model {self.cfg.model.preset} "
             f"({n_params / 1e6:.2f}M params) on {self.device}, epoch {self.state.epoch}"
         )
+        if self._averaging_line:
+            notice(self._averaging_line)
         if address is not None:
             notice(f"to join from another machine: worker start --run-id {self.cfg.run.run_id} "
                    f"--initial-peers {address}")

@@ -233,10 +233,13 @@ class SwarmView:
         return verdict.winner.tip.state if verdict.forked else None
 
     def partners(self, *, inner_steps: int) -> int:
-        """Live in-sync peers of this peer's lineage, not past it, that finished their inner phase: those
-        holding its theta_g, and those at the outer step of an earlier state of its chain. They are
-        averaging, or could be, so a lone step now would fork the swarm. A peer still training is not
-        counted: it is merely slower, and it will take this peer's state when it finds itself overtaken."""
-        mine = self.state.head(self.peer_id)
-        ready = [r for r in self._fresh_in_sync() if r.inner_step >= inner_steps]
-        return sum(1 for r in ready if r.head().state == mine.state or mine.descends_from(r.head()))
+        """Live in-sync peers holding this peer's theta_g at its epoch that finished their inner phase: it
+        could still average with them, so a lone step now would fork the swarm.
+
+        Not counted: a peer still training (it is merely slower, and takes this peer's state when it
+        finds itself overtaken), and a peer at the outer step of an earlier state of this chain (it
+        averages into a state of its own; training on beside it would only bank this peer's work into
+        one larger lone step, which the fork choice may then prefer over the group's)."""
+        mine = (self.state.epoch, self.state.param_sha256)
+        return sum(1 for r in self._fresh_in_sync()
+                   if r.inner_step >= inner_steps and (r.epoch, r.param_sha256) == mine)
