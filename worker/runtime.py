@@ -136,8 +136,8 @@ class Worker:
         self.disk: DiskState | None = None
         self.sync: StateSync | None = None
         self.round: OuterRound | None = None
-        self.held_out: torch.Tensor | None = None
-        self._averaging_line = ""  # the compression and timeouts picked, said at start (_announce)  # the run's held-out sequences, when --eval-every is on
+        self.held_out: torch.Tensor | None = None  # the run's held-out sequences, when --eval-every is on
+        self._averaging_line = ""  # the compression and timeouts picked, said at start (_announce)
         self._clock_warned: float | None = None  # the clock offset last warned about (None: none since ok)
 
     # -- lifecycle ---------------------------------------------------------------------------
