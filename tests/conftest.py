@@ -29,14 +29,40 @@ def procs(tmp_path: Path) -> Iterator[list[subprocess.Popen[str]]]:
 
 @pytest.fixture(autouse=True)
 def no_leaked_shared_memory() -> Iterator[None]:
-    """Remove the /dev/shm files of processes that are gone once each test ends.
+    """Remove, once each test ends, the /dev/shm files that no live process uses.
 
     torch shares tensors through files named torch_<pid>_...; a worker killed with SIGKILL (as many
     tests do on purpose) never unlinks them, and over a whole suite they filled 8 GB of this machine's
-    memory until a 150m worker was OOM-killed. Production has the same leak after a SIGKILL: see the
+    memory until a 150m worker was OOM-killed. A dead creator is not enough to delete one: a live
+    process may still map a file another made, and torch aborts that process when its own unlink of
+    the file fails at garbage collection. Production has the same leak after a SIGKILL: see the
     README's shared-memory section."""
     yield
-    for path in Path("/dev/shm").glob("torch_*"):
-        pid = path.name.split("_")[1]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+    leaked = {p for p in Path("/dev/shm").glob("torch_*") if not _creator_alive(p)}
+    if leaked:
+        for path in leaked - _shm_in_use():
             path.unlink(missing_ok=True)
+
+
+def _creator_alive(path: Path) -> bool:
+    pid = path.name.split("_")[1]
+    return not pid.isdigit() or os.path.exists(f"/proc/{pid}")
+
+
+def _shm_in_use() -> set[Path]:
+    """The /dev/shm files some live process maps or holds open."""
+    used: set[Path] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for line in (proc / "maps").read_text().splitlines():
+                if "/dev/shm/" in line:
+                    used.add(Path(line[line.index("/dev/shm/"):].split(" (deleted)")[0]))
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("/dev/shm/"):
+                    used.add(Path(target))
+        except OSError:  # the process ended while being read, or is not ours to read
+            continue
+    return used
