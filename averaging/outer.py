@@ -94,6 +94,36 @@ class OuterOptimizer:
         self._opt.step()
 
     @torch.no_grad()
+    def step_moving(self, local_params: Sequence[torch.Tensor]) -> None:
+        """The outer step, moving the local model by the same change of theta_g (the overlapped round).
+
+        The local model trained on from the pre-average theta_g while the all-reduce ran; it keeps that
+        progress and gains what the step changed: local += theta_g(after) - theta_g(before). theta_g's
+        own arithmetic is ``step()``'s, so peers still agree bitwise. No copy of the parameters is made:
+        theta_g(before) is taken out of the local model before the step and theta_g(after) added back."""
+        for param, local in zip(self.params, local_params, strict=True):
+            local.sub_(param.to(local.device, local.dtype))
+        self._opt.step()
+        for param, local in zip(self.params, local_params, strict=True):
+            local.add_(param.to(local.device, local.dtype))
+
+    @torch.no_grad()
+    def subtract_delta(self, local_params: Sequence[torch.Tensor]) -> None:
+        """local -= delta: a local model that trained on from theta_g (an overlapped round) takes back its
+        own pseudo-gradient when the round did not step (delta then still holds this worker's own)."""
+        for delta, local in zip(self.delta, local_params, strict=True):
+            local.sub_(delta.to(local.device, local.dtype))
+
+    @torch.no_grad()
+    def load_delta(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Put a saved pseudo-gradient back in place (a round a checkpoint held in flight)."""
+        with self._writing_delta():
+            for delta, value in zip(self.delta, tensors, strict=True):
+                if value.shape != delta.shape:
+                    raise ValueError(f"delta shape {tuple(value.shape)} does not match {tuple(delta.shape)}")
+                delta.copy_(value)
+
+    @torch.no_grad()
     def copy_to(self, local_params: Sequence[torch.Tensor]) -> None:
         """Start the next inner phase from theta_g."""
         for param, local in zip(self.params, local_params, strict=True):

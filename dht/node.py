@@ -13,9 +13,11 @@ import functools
 import ipaddress
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import hivemind
 from hivemind.dht.validation import RecordValidatorBase
@@ -74,6 +76,24 @@ def pick_join_address(maddrs: Sequence[Multiaddr], announced: Sequence[str]) -> 
     return ordered[0] if ordered else None
 
 
+class _LockedSend:
+    """A pipe end whose ``send`` one thread at a time may call.
+
+    hivemind's DHT writes each call (get, store, run_coroutine) to its command pipe without a lock, and a
+    message over the pipe's atomic size could interleave with another's. The worker calls the DHT from
+    two threads: the training loop, and the outer step of an overlapped round in the background."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe, self._lock = pipe, threading.Lock()
+
+    def send(self, obj: object) -> None:
+        with self._lock:
+            self._pipe.send(obj)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+
 class SwarmDHT(hivemind.DHT):
     """hivemind's DHT process, bound to the process that starts it (see dht/lifeline.py).
 
@@ -89,6 +109,7 @@ class SwarmDHT(hivemind.DHT):
         """Fork the DHT process (hivemind's, with SIGINT blocked across the fork); wait until it is ready."""
         with lifeline.forking() as self._forked_from:
             self.start()
+        self._outer_pipe = _LockedSend(self._outer_pipe)
         if await_ready:
             self.wait_until_ready(timeout)
 

@@ -211,6 +211,30 @@ class OuterConfig(_Section):
     nesterov: bool = True
     """Use Nesterov momentum in the outer step (DiLoCo's default)."""
 
+    overlap: Literal["on", "off"] = "on"
+    """on: the outer step's all-reduce runs while the next inner phase trains from the pre-average theta_g,
+    and lands (theta_g steps, the local model moves by the same change) at inner step overlap_steps of
+    that phase; off: training waits at every outer step until the all-reduce is done."""
+
+    overlap_steps: int | Literal["auto"] = "auto"
+    """The inner step of the next phase at which an overlapped outer step lands (training waits there if
+    the all-reduce is not done): fewer is fresher, more hides a slower network; auto: inner_steps // 8,
+    at least 1. Must be below inner_steps."""
+
+    @field_validator("overlap_steps")
+    @classmethod
+    def _positive_steps(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive number of inner steps or auto")
+        return v
+
+    def land_at(self, inner_steps: int) -> int | None:
+        """The inner step at which an overlapped outer step lands; None when rounds block (off, or H = 1)."""
+        if self.overlap == "off" or inner_steps < 2:
+            return None
+        steps = max(1, inner_steps // 8) if self.overlap_steps == "auto" else self.overlap_steps
+        return min(steps, inner_steps - 1)
+
 
 # Above this many parameters "auto" compression is int8: at N=4 fp32 moves 6 bytes per parameter and
 # peer each round (7.4 GB for 1.24B), int8 1.6; measured cost in held-out loss: see the README.
@@ -331,6 +355,14 @@ class WorkerConfig(_Section):
         micro = self.train.micro_batch_size or self.train.batch_size
         if self.train.batch_size % micro:
             raise ValueError("train.batch_size must be a multiple of train.micro_batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _overlap_within_phase(self) -> WorkerConfig:
+        steps, h = self.outer.overlap_steps, self.train.inner_steps
+        if self.outer.overlap == "on" and isinstance(steps, int) and steps >= h:
+            raise ValueError(f"outer.overlap_steps ({steps}) must be below train.inner_steps ({h}): the "
+                             "outer step lands within the next inner phase")
         return self
 
     @model_validator(mode="after")

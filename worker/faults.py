@@ -15,6 +15,8 @@ is an epoch (``perturb_params@2``) or an epoch and every later one (``forge_offe
 - ``step_alone@E``: at the outer step of epoch E, apply this worker's own pseudo-gradient at once,
   without looking for a group or at who else holds its theta_g: a peer whose failed round left it
   on a lineage of its own, ahead of the swarm.
+- ``stop_in_flight@E``: right after the first inner step taken while the overlapped round of epoch E
+  is in flight, ask this worker to stop, as a SIGTERM then would: its checkpoint holds that round.
 - ``kill_checkpoint@PHASE``: SIGKILL this process when a checkpoint save reaches PHASE (one of
   ``checkpoints.CHECKPOINT_PHASES``): what a power cut or the OOM killer leaves on disk.
 - ``clock_offset@S`` or ``clock_offset@S:E``: this process's wall clock runs S seconds off (negative:
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 ENV_VAR = "DILOCO_FAULT"
 # How far ahead a forged offer claims to be.
 FORGED_EPOCHS_AHEAD = 1000
-ROUND_SEAMS = ("perturb_params", "forge_offer", "step_alone")
+ROUND_SEAMS = ("perturb_params", "forge_offer", "step_alone", "stop_in_flight")
 SEAMS = (*ROUND_SEAMS, "kill_checkpoint", "clock_offset")
 
 

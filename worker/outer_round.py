@@ -17,10 +17,17 @@ At the end of each inner phase the worker runs ``OuterRound.run``. Its phases, i
 After each phase the facts gathered so far go to ``decide``, a pure function: it names the
 outcome (averaged, alone, extended, overtaken, desync, dropped, stopped) or says the next phase must
 run.
+
+Overlapped (``--overlap on``, the default): ``launch`` runs phases 1-2 and hands 3-4 to a background
+thread (``InFlight``), and the next inner phase trains on from the pre-average theta_g meanwhile;
+``land``, at that phase's inner step ``land_at``, waits for the thread if it must and runs 5-7, the
+outer step then moving the local model by the change of theta_g (``OuterOptimizer.step_moving``).
+``run`` is the blocking round: all phases at once.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -159,11 +166,38 @@ class _Round:
 
     epoch: int
     deadline: float  # monotonic time by which the outer step must be over
+    weight: int  # this worker's tokens in the round: its weight in the average
     facts: RoundFacts = field(default_factory=RoundFacts)
     members: RoundMembers | None = None
     result: RoundResult | None = None
     verdict: Verdict | None = None
     swarm_epoch: int = -1
+
+
+@dataclass
+class InFlight:
+    """A round whose matchmaking and all-reduce run in the background while the next inner phase trains.
+
+    The phase's counters (``RoundState.inner_step``, ``tokens``, ``inner_s``) restart at the launch for
+    the phase that trains meanwhile; the round's own are kept here until it lands."""
+
+    round: _Round
+    inner_s: float  # seconds of inner steps in the round (its phase, and the extensions before it)
+    launched_step: int  # the inner step the round was launched at (its record shows it while in flight)
+    land_at: int  # the next phase's inner step at which the result is applied
+    launch_s: float  # seconds the training loop spent at the launch
+    thread: threading.Thread | None = None  # None: nothing runs (resolved, or restored from a checkpoint)
+    error: BaseException | None = None  # what the background part raised, raised again by ``land``
+
+    def meta(self) -> dict[str, object]:
+        """What a checkpoint keeps of it (with the delta buffer: the own or, once averaged, the group's)."""
+        r = self.round
+        result = r.result
+        return {"epoch": r.epoch, "tokens": r.weight, "inner_s": self.inner_s,
+                "launched_step": self.launched_step, "land_at": self.land_at,
+                "group_size": r.facts.group_size, "total_weight": result.total_weight if result else 0.0,
+                "group": list(result.peer_ids) if result else [],
+                "ready": r.members.ready if r.members else 1}
 
 
 # How many times one round may be extended (no group, peers of its theta_g live) before it steps alone:
@@ -184,23 +218,120 @@ class OuterRound:
         self.faults, self.timing, self.stop = faults, timing, stop
 
     def run(self) -> RoundReport:
+        """The blocking round: every phase now; the local model starts the next phase from theta_g."""
         began = time.perf_counter()
-        bound = self.timing.outer_step_s(self.averager)
-        r = _Round(epoch=self.state.epoch, deadline=time.monotonic() + bound)
+        r = self._new_round()
         phases = (self.pseudo_gradient, self.check_agreement, self.wait_for_members, self.average,
                   self.check_overtaken, self.check_partners)
         if self.faults.strikes("step_alone", r.epoch):  # a no-op unless a test asks
             phases = (self.pseudo_gradient, self.check_agreement, self._fault_alone)
-        outcome = None
-        for phase in phases:
-            r.facts = replace(phase(r), stop_requested=self.stop())
-            outcome = decide(r.facts)
-            if outcome is not None:
-                break
+        outcome = self._phases(r, phases)
         assert outcome is not None, f"no outcome from {r.facts}"
         report = self._report(r, outcome)
         self._finish(report, began=began)
         return report
+
+    def launch(self, *, land_at: int) -> RoundReport | InFlight:
+        """Phases 1-2 now, 3-4 in the background: the next inner phase trains from the pre-average theta_g.
+
+        Returns the report when the round ended at once (dropped, desync, a stop, the ``step_alone``
+        seam), else the round in flight, to ``land`` at the next phase's inner step ``land_at``."""
+        if self.faults.strikes("step_alone", self.state.epoch):
+            return self.run()
+        began = time.perf_counter()
+        r = self._new_round()
+        outcome = self._phases(r, (self.pseudo_gradient, self.check_agreement))
+        if outcome is None and self.stop():
+            outcome = Outcome.STOPPED
+        if outcome is not None:
+            report = self._report(r, outcome)
+            self._finish(report, began=began)
+            return report
+        st = self.state
+        flight = InFlight(round=r, inner_s=st.inner_s, launched_step=st.inner_step, land_at=land_at,
+                          launch_s=0.0)
+        st.in_flight_step = st.inner_step
+        st.inner_step, st.tokens, st.inner_s = 0, 0, 0.0
+        self.outer.copy_to(self.trainer.params)  # the pre-average theta_g: where the next phase trains from
+        self._start_background(flight)
+        flight.launch_s = time.perf_counter() - began
+        self.metrics.emit("round_launched", epoch=r.epoch, land_at=land_at, tokens=r.weight)
+        return flight
+
+    def resume(self, saved: dict[str, object]) -> InFlight:
+        """The round a checkpoint held in flight (``InFlight.meta``; its delta is already in place):
+        averaged again in the background, or, already averaged, only to land."""
+        r = _Round(epoch=int(saved["epoch"]), weight=int(saved["tokens"]),  # type: ignore[call-overload]
+                   deadline=time.monotonic() + self.timing.outer_step_s(self.averager),
+                   facts=RoundFacts(finite=True, agrees=True))
+        flight = InFlight(round=r, inner_s=float(saved["inner_s"]),  # type: ignore[arg-type]
+                          launched_step=int(saved["launched_step"]),  # type: ignore[call-overload]
+                          land_at=int(saved["land_at"]), launch_s=0.0)  # type: ignore[call-overload]
+        group_size = saved.get("group_size")
+        self.state.in_flight_step = flight.launched_step
+        if group_size is None:
+            self.swarm.publish(force=True)
+            self._start_background(flight)
+        else:
+            r.facts = replace(r.facts, group_size=int(group_size))  # type: ignore[call-overload]
+            r.result = replace(_NOT_AVERAGED, group_size=int(group_size),  # type: ignore[call-overload]
+                               total_weight=float(saved.get("total_weight", 0.0)),  # type: ignore[arg-type]
+                               peer_ids=[str(p) for p in saved.get("group", [])])  # type: ignore[attr-defined]
+        return flight
+
+    def settle(self, flight: InFlight) -> None:
+        """Wait for the background part to end (a stop: the checkpoint then keeps the round as it is)."""
+        if flight.thread is not None:
+            flight.thread.join()
+            flight.thread = None
+
+    def land(self, flight: InFlight) -> RoundReport:
+        """Wait for the background part if it is still running, then phases 5-7: the outer step lands.
+
+        A STOPPED report leaves the round in flight (the checkpoint keeps it, a restart averages it again)."""
+        began = time.perf_counter()
+        self.settle(flight)
+        if flight.error is not None:
+            raise flight.error
+        r = flight.round
+        r.facts = replace(r.facts, stop_requested=self.stop())
+        outcome = decide(r.facts)
+        if outcome is None:
+            self.state.in_flight_step = -1  # the checks below read and publish this worker's state
+            outcome = self._phases(r, (self.check_overtaken, self.check_partners))
+        assert outcome is not None, f"no outcome from {r.facts}"
+        report = self._report(r, outcome)
+        if outcome is not Outcome.STOPPED:
+            self.state.in_flight_step = -1
+        self._finish(report, began=began - flight.launch_s, flight=flight)
+        return report
+
+    def _new_round(self) -> _Round:
+        bound = self.timing.outer_step_s(self.averager)
+        return _Round(epoch=self.state.epoch, deadline=time.monotonic() + bound, weight=self.state.tokens)
+
+    def _phases(self, r: _Round, phases: tuple[Callable[[_Round], RoundFacts], ...]) -> Outcome | None:
+        """Run phases in order until ``decide`` names the outcome (None: the phases ran out first)."""
+        for phase in phases:
+            r.facts = replace(phase(r), stop_requested=self.stop())
+            outcome = decide(r.facts)
+            if outcome is not None:
+                return outcome
+        return None
+
+    def _start_background(self, flight: InFlight) -> None:
+        """Phases 3-4 on a thread of their own. They touch only the averager, the board (read) and the
+        round's own facts; the training loop does not read those until ``land`` has joined the thread."""
+        def background() -> None:
+            try:
+                self._phases(flight.round, (self.wait_for_members, self.average))
+            except BaseException as e:  # raised again on the training loop's thread, by land
+                flight.error = e
+
+        self.swarm.publish(force=True)  # at the outer step: what the members wait for
+        flight.thread = threading.Thread(target=background, name=f"outer-round-{flight.round.epoch}",
+                                         daemon=True)
+        flight.thread.start()
 
     # -- phases: each returns the facts with its own answer added -------------------------------
 
@@ -214,8 +345,8 @@ class OuterRound:
 
     def wait_for_members(self, r: _Round) -> RoundFacts:
         """Tell the others this worker is ready, then wait (bounded) for the peers still in their inner
-        phase: ``members_wait`` at most, so that matchmaking and the all-reduce keep the rest."""
-        self.swarm.publish(force=True)
+        phase: ``members_wait`` at most, so that matchmaking and the all-reduce keep the rest. The caller
+        published this worker's record as at its outer step."""
         r.members = self.swarm.wait_for_round(
             epoch=r.epoch, param_sha256=self.state.param_sha256, inner_steps=self.timing.inner_steps,
             until=time.monotonic() + max(0.0, self.timing.members_wait), stop=self.stop,
@@ -234,7 +365,7 @@ class OuterRound:
         if expected == 1:  # only a hint: a few matchmaking windows, not the whole outer step, if nobody comes
             left = min(left, 2 * self.timing.matchmaking_time + self.timing.request_timeout)
         r.result = self.averager.average(
-            self.outer.delta, weight=float(self.state.tokens), epoch=r.epoch, deadline=time.time() + left,
+            self.outer.delta, weight=float(r.weight), epoch=r.epoch, deadline=time.time() + left,
             # Only peers starting from the same theta_g may average: mixing two would split the swarm.
             state=self.state.param_sha256[:16],
             # Start as soon as all are there, but only when nobody else could still join: a peer the board
@@ -288,10 +419,12 @@ class OuterRound:
             swarm_epoch=r.swarm_epoch, total_weight=result.total_weight,
         )
 
-    def _finish(self, report: RoundReport, *, began: float) -> None:
-        """What each outcome leaves behind: theta_g, the local model, the board, the metrics."""
+    def _finish(self, report: RoundReport, *, began: float, flight: InFlight | None = None) -> None:
+        """What each outcome leaves behind: theta_g, the local model, the board, the metrics.
+
+        With a round in flight the local model has trained on from the pre-average theta_g since."""
         if report.outcome in (Outcome.AVERAGED, Outcome.ALONE):
-            self._apply(report, began=began)
+            self._apply(report, began=began, flight=flight)
         elif report.outcome is Outcome.DROPPED:
             # A diverged local model must not reach theta_g, nor anyone else's: drop this round's work.
             notice(f"[bold red]the pseudo-gradient of epoch {report.epoch} is not finite: round dropped[/]")
@@ -301,13 +434,14 @@ class OuterRound:
         elif report.outcome is Outcome.DESYNC:
             self._desync(report)
         elif report.outcome is Outcome.EXTENDED:
-            self._extend(report)
+            self._extend(report, flight=flight)
         elif report.outcome is Outcome.OVERTAKEN:
             notice(f"[yellow]the swarm reached epoch {report.swarm_epoch} while this worker trained epoch "
                    f"{report.epoch}: took its state instead of a lone update[/]")
             self.metrics.emit("round_dropped", epoch=report.epoch, reason="overtaken by the swarm",
                               swarm_epoch=report.swarm_epoch, failures=list(report.failures))
-        # STOPPED: nothing; the checkpoint keeps the local model at step H and a restart redoes this step.
+        # STOPPED: nothing; the checkpoint keeps the local model at step H (or the round in flight, with its
+        # delta) and a restart redoes this step.
 
     def _desync(self, report: RoundReport) -> None:
         v = report.verdict
@@ -328,9 +462,18 @@ class OuterRound:
                           trained_tokens=self.state.trained_tokens, param_sha256=self.state.param_sha256)
         self.sync.withdraw()  # stop announcing a state the swarm does not hold
 
-    def _extend(self, report: RoundReport) -> None:
-        """No group, but peers hold this theta_g: keep the local model and its tokens, train a phase more."""
-        self.state.extend()
+    def _extend(self, report: RoundReport, *, flight: InFlight | None = None) -> None:
+        """No group, but peers hold this theta_g: keep the local model and its tokens, train a phase more.
+
+        In flight, the phase under way becomes the extension: the local model, which trained on from
+        theta_g, takes back its own pseudo-gradient (the delta, which a failed round leaves untouched)."""
+        if flight is None:
+            self.state.extend()
+        else:
+            self.outer.subtract_delta(self.trainer.params)
+            self.state.tokens += flight.round.weight
+            self.state.inner_s += flight.inner_s
+            self.state.extensions += 1
         notice(f"[yellow]no group at the outer step of epoch {report.epoch} while peers hold the same "
                f"theta_g: training on (extension {self.state.extensions} of {MAX_EXTENSIONS}) rather than "
                "fork the swarm[/]")
@@ -338,16 +481,22 @@ class OuterRound:
                           tokens=self.state.tokens, failures=list(report.failures))
         self.swarm.publish(force=True)
 
-    def _apply(self, report: RoundReport, *, began: float) -> None:
+    def _apply(self, report: RoundReport, *, began: float, flight: InFlight | None = None) -> None:
         """The outer step: on the group's average, or alone on this worker's own delta (DiLoCo, M=1)."""
-        self.outer.step()
-        tokens, inner_s = self.state.tokens, self.state.inner_s
+        if flight is None:
+            self.outer.step()
+            tokens, inner_s = self.state.tokens, self.state.inner_s
+        else:
+            self.outer.step_moving(self.trainer.params)  # keeps the progress made since the launch
+            tokens, inner_s = flight.round.weight, flight.inner_s
         self.faults.after_outer_step(report.epoch + 1, self.outer.params)  # a no-op unless a test asks
-        self.outer.copy_to(self.trainer.params)
+        if flight is None:
+            self.outer.copy_to(self.trainer.params)
         digest = param_sha256(dict(zip(self.names, self.outer.params, strict=True)))
         # The lineage's weight grows by what went into this step: the group's tokens, or this worker's alone.
         round_tokens = int(report.total_weight) if report.group_size > 1 else tokens
-        self.state.advance(param_sha256=digest, group_size=report.group_size, round_tokens=round_tokens)
+        self.state.advance(param_sha256=digest, group_size=report.group_size, round_tokens=round_tokens,
+                           mid_phase=flight is not None)
         self.swarm.publish(force=True)
         self.sync.offer()
         self.metrics.emit(
@@ -355,5 +504,5 @@ class OuterRound:
             blocked_s=time.perf_counter() - began, allreduce_s=report.allreduce_s,
             bytes_sent=report.bytes_sent, bytes_received=report.bytes_received, tokens=tokens,
             expected_peers=report.expected_peers, in_sync=self.state.in_sync, failures=list(report.failures),
-            inner_s=inner_s,
+            inner_s=inner_s, overlapped=flight is not None,
         )

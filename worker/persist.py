@@ -3,7 +3,9 @@
 A checkpoint holds theta_g and the outer optimizer state, the inner optimizer, the RNG, the data
 position and where the round stands; mid-round also the local model, which has moved away from
 theta_g. Resuming from it continues exactly: a run stopped and resumed ends with the same
-parameter hash as one that never stopped.
+parameter hash as one that never stopped. A checkpoint taken with an overlapped round in flight (a stop
+before it landed) holds that round too: its delta (this worker's own, or the group's average once the
+all-reduce is done) and ``InFlight.meta``; the restart averages it again, or only lands it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from worker.console import notice
 from worker.data import PackedBatches
 from worker.errors import WorkerError
 from worker.metrics import MetricsLog
+from worker.outer_round import InFlight
 from worker.round_state import RoundState
 from worker.train import InnerTrainer
+
+# The name tag of a checkpoint holding an overlapped round in flight (``epoch-E-step-S-inflight``).
+IN_FLIGHT_TAG = "inflight"
 
 
 class DiskState:
@@ -36,14 +42,16 @@ class DiskState:
         self.outer, self.trainer, self.data, self.device = outer, trainer, data, device
         self.store, self.saver, self.metrics = store, saver, metrics
         self.saved_at: tuple[int, int] | None = None  # (epoch, inner step) of the newest checkpoint on disk
+        self.restored_flight: dict[str, Any] | None = None  # the round in flight the loaded checkpoint held
 
     @property
     def unsaved(self) -> bool:
         """The state has moved since the newest checkpoint (or there is none)."""
         return self.saved_at != (self.state.epoch, self.state.inner_step)
 
-    def capture(self) -> TrainingState:
-        """The state as it is now (tensors are the live ones: copy them before training goes on)."""
+    def capture(self, flight: InFlight | None = None) -> TrainingState:
+        """The state as it is now (tensors are the live ones: copy them before training goes on), with the
+        round in flight, if any (its background part must be over: ``OuterRound.settle``)."""
         inner_tensors, inner_meta = self.trainer.optimizer_tensors()
         tensors: dict[str, dict[str, torch.Tensor]] = {
             "global": dict(zip(self.names, self.outer.params, strict=True)),
@@ -72,17 +80,22 @@ class DiskState:
             # theta_g only changes at an outer step (or a fetch), which refreshes this hash: no second pass.
             "param_sha256": self.state.param_sha256,
         }
+        if flight is not None:
+            assert flight.thread is None, "settle the round in flight before capturing it"
+            tensors["pending"] = dict(zip(self.names, self.outer.delta, strict=True))
+            meta["pending"] = flight.meta()
         return TrainingState(epoch=self.state.epoch, tensors=tensors, meta=meta)
 
-    def save(self, *, background: bool = False) -> None:
+    def save(self, *, background: bool = False, flight: InFlight | None = None) -> None:
         """Save the current state: at once, or (`background`) from a copy while training goes on."""
         try:
-            if background:
+            if background and flight is None:
                 self.saver.submit(self.capture())  # raises the error of an earlier failed write
                 return
             self.saver.flush()  # one writer at a time
-            state = self.capture()
-            self.saved(state, self.store.save(state))
+            state = self.capture(flight)
+            # In flight, (epoch, inner step) names another state than before the launch: a tag says which.
+            self.saved(state, self.store.save(state, tag=None if flight is None else IN_FLIGHT_TAG))
         except CheckpointError as e:
             raise WorkerError(str(e)) from None
 
@@ -142,3 +155,7 @@ class DiskState:
         self.state.extensions = int(meta.get("extensions", 0))
         self.state.trained_tokens = int(meta.get("trained_tokens", 0))
         self.state.ancestry = tuple(str(a) for a in meta.get("ancestry", []))
+        pending = meta.get("pending")
+        self.restored_flight = pending if isinstance(pending, dict) and "pending" in state.tensors else None
+        if self.restored_flight is not None:
+            self.outer.load_delta([state.tensors["pending"][n] for n in self.names])

@@ -52,6 +52,10 @@ class RoundState:
     were live: the local model trains on from where it is, and the next outer step averages all of it."""
     clock_offset: float | None = None
     """This peer's clock minus the swarm's (``dht.clock``), in seconds; None until estimated."""
+    in_flight_step: int = -1
+    """While this round's outer step runs in the background (``worker.outer_round.InFlight``), the inner
+    step at which it began: what the published record shows, so that peers count this one as at its outer
+    step of ``epoch`` although its next inner phase has begun. -1: no round in flight."""
 
     def restart(self) -> None:
         """Forget the current round's inner work (its steps, tokens and time): theta_g is what stands."""
@@ -62,10 +66,18 @@ class RoundState:
         self.inner_step = 0
         self.extensions += 1
 
-    def advance(self, *, param_sha256: str, group_size: int, round_tokens: int) -> None:
-        """theta_g took the outer step of this round (`round_tokens`: the group's tokens): the next begins."""
+    def advance(
+        self, *, param_sha256: str, group_size: int, round_tokens: int, mid_phase: bool = False,
+    ) -> None:
+        """theta_g took the outer step of this round (`round_tokens`: the group's tokens): the next begins.
+
+        `mid_phase`: the step landed while the next round's inner phase was already under way (an
+        overlapped round), whose steps, tokens and time so far are kept."""
         self.epoch += 1
-        self.restart()
+        if mid_phase:
+            self.extensions = 0
+        else:
+            self.restart()
         self.ancestry = extend_ancestry(self.ancestry, self.param_sha256)
         self.trained_tokens += round_tokens
         self.param_sha256 = param_sha256
@@ -81,7 +93,8 @@ class RoundState:
         loss = self.loss if self.loss == self.loss else -1.0
         eval_loss = self.eval_loss if self.eval_loss == self.eval_loss else -1.0
         return ProgressRecord(
-            peer_id=peer_id, epoch=self.epoch, inner_step=self.inner_step,
+            peer_id=peer_id, epoch=self.epoch,
+            inner_step=self.inner_step if self.in_flight_step < 0 else self.in_flight_step,
             tokens_per_s=float(self.tokens_per_s), loss=float(loss), param_sha256=self.param_sha256,
             in_sync=self.in_sync, time=get_dht_time(), maddrs=maddrs, origin=origin,
             eval_epoch=self.eval_epoch, eval_loss=float(eval_loss), trained_tokens=int(self.trained_tokens),

@@ -51,7 +51,7 @@ from worker.faults import FaultPlan
 from worker.metrics import MetricsLog
 from worker.model import build_model, count_parameters, model_signature
 from worker.monitoring import open_sinks
-from worker.outer_round import Outcome, OuterRound, RoundReport, RoundTiming
+from worker.outer_round import InFlight, Outcome, OuterRound, RoundReport, RoundTiming
 from worker.persist import DiskState
 from worker.round_state import RoundState
 from worker.state_sync import StateSync, SyncSettings
@@ -136,6 +136,8 @@ class Worker:
         self.disk: DiskState | None = None
         self.sync: StateSync | None = None
         self.round: OuterRound | None = None
+        self.flight: InFlight | None = None  # the overlapped round whose outer step has not landed yet
+        self._landed: RoundReport | None = None  # the round whose outer step made the current theta_g
         self.held_out: torch.Tensor | None = None  # the run's held-out sequences, when --eval-every is on
         self._averaging_line = ""  # the compression and timeouts picked, said at start (_announce)
         self._clock_warned: float | None = None  # the clock offset last warned about (None: none since ok)
@@ -158,7 +160,9 @@ class Worker:
         self._announce(count_parameters(model))
         self._wait_for_peers()
         # A newcomer, or a restart from an old checkpoint, starts from the swarm's newest state.
-        self.sync.catch_up()
+        took = self.sync.catch_up()
+        if self.disk.restored_flight is not None and not took:
+            self.flight = self.round.resume(self.disk.restored_flight)
         if self.state.epoch > 0 and self.state.inner_step == 0:
             self.sync.offer()
 
@@ -428,8 +432,10 @@ class Worker:
             if not self._forced and self.saver is not None:
                 self._stop_saver()  # the final save below still tries after a failed background write
             # After a forced stop the state may be half-updated: the last checkpoint stands.
-            if self._started and not self._forced and self.disk.unsaved:
-                self.disk.save()
+            if self._started and not self._forced and self.flight is not None:
+                self.round.settle(self.flight)  # the checkpoint keeps the round as it ends
+            if self._started and not self._forced and (self.disk.unsaved or self.flight is not None):
+                self.disk.save(flight=self.flight)
         finally:
             self._interruptible = False
             self._resources.close()
@@ -474,22 +480,57 @@ class Worker:
                 if not self.state.in_sync:
                     self.sync.repair(target=self._repair_target)
                     continue
-                if self.state.inner_step == 0:
+                if self.state.inner_step == 0 and self.flight is None:
                     # Missed rounds (a failed group, a pause): take the swarm's newest state.
                     self.sync.catch_up()
                 self._inner_phase(progress)
                 if self.stop_requested:
                     break
-                report = self.round.run()
-                self.faults.clock_at(self.state.epoch)  # a no-op unless a test asks
-                self._check_clock()
-                self._evaluate(report)
-                if report.outcome is Outcome.DESYNC and report.verdict is not None:
-                    self._repair_target = report.verdict.winner.tip.param_sha256
-                if not self.stop_requested and self.state.epoch % cfg.run.checkpoint_every == 0:
-                    self.disk.save(background=cfg.run.background_checkpoints)
+                self._outer_step()
         finally:
             progress.shutdown()
+
+    def _outer_step(self) -> None:
+        """At the end of an inner phase: the blocking round, or (overlap) the launch of one in flight.
+
+        The last round of a run with --max-epochs blocks: the run ends on theta_g, not mid-phase."""
+        cfg = self.cfg
+        land_at = cfg.outer.land_at(cfg.train.inner_steps)
+        last = cfg.run.max_epochs > 0 and self.state.epoch + 1 >= cfg.run.max_epochs
+        if land_at is None or last:
+            report = self.round.run()
+        else:
+            launched = self.round.launch(land_at=land_at)
+            if isinstance(launched, InFlight):
+                self.flight = launched
+                if self._landed is not None:
+                    self._evaluate(self._landed)  # the local model is theta_g until the next inner step
+                return
+            report = launched
+        if report.outcome in (Outcome.AVERAGED, Outcome.ALONE):
+            self._landed = report
+        self._after_round(report)
+        self._evaluate(report)
+
+    def _land(self) -> None:
+        """The overlapped round's outer step lands, at inner step ``land_at`` of the phase under way."""
+        assert self.flight is not None
+        report = self.round.land(self.flight)
+        if report.outcome is Outcome.STOPPED:
+            return  # still in flight: shutdown's checkpoint keeps it
+        self.flight = None
+        if report.outcome in (Outcome.AVERAGED, Outcome.ALONE):
+            self._landed = report
+        self._after_round(report)
+
+    def _after_round(self, report: RoundReport) -> None:
+        """What follows every outer step that ended: the clock check, a repair's target, the checkpoint."""
+        self.faults.clock_at(self.state.epoch)  # a no-op unless a test asks
+        self._check_clock()
+        if report.outcome is Outcome.DESYNC and report.verdict is not None:
+            self._repair_target = report.verdict.winner.tip.param_sha256
+        if not self.stop_requested and self.state.epoch % self.cfg.run.checkpoint_every == 0:
+            self.disk.save(background=self.cfg.run.background_checkpoints)
 
     def _check_clock(self) -> None:
         """After each round: this peer's clock vs the swarm's (dht.clock), published, warned about, refused.
@@ -518,7 +559,7 @@ class Worker:
         runs on the model as it is: no extra copy of the parameters."""
         st, every = self.state, self.cfg.run.eval_every
         stepped = report.outcome in (Outcome.AVERAGED, Outcome.ALONE)
-        if self.held_out is None or not stepped or st.epoch % every:
+        if self.held_out is None or not stepped or st.epoch % every or st.eval_epoch == st.epoch:
             return
         if not eval_duty(epoch=st.epoch, group=list(report.group), me=self.peer_id):
             return
@@ -529,23 +570,32 @@ class Worker:
         self.swarm.publish(force=True)
 
     def _inner_phase(self, progress: RoundProgress) -> None:
+        """Inner steps up to H; an overlapped round in flight lands at its step on the way."""
         cfg, st = self.cfg, self.state
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        started = time.perf_counter()
+        stepping_s = 0.0  # time in inner steps only: a landing's wait is the outer step's, not compute
         steps_here = 0
         while st.inner_step < cfg.train.inner_steps and not self.stop_requested:
+            if self.flight is not None and st.inner_step >= self.flight.land_at:
+                self._land()  # may take the swarm's state instead, which moves inner_step
+                continue
+            began = time.perf_counter()
             batch = self.data.next_batch()
             log = (st.inner_step + 1) % cfg.train.log_every == 0 or st.inner_step + 1 == cfg.train.inner_steps
             loss = self.trainer.step(batch, want_loss=log)
             st.inner_step += 1
             steps_here += 1
             st.tokens += tokens_per_step
+            took = time.perf_counter() - began
+            stepping_s += took
+            st.inner_s += took
+            if self.flight is not None and self.faults.strikes("stop_in_flight", self.flight.round.epoch):
+                self.stop_requested = True  # as a SIGTERM would, with the round surely still in flight
             if loss is not None:
-                tps = steps_here * tokens_per_step / max(time.perf_counter() - started, 1e-9)
+                tps = steps_here * tokens_per_step / max(stepping_s, 1e-9)
                 self.metrics.emit("inner_step", epoch=st.epoch, step=st.inner_step, loss=loss,
                                   tokens=st.tokens, lr=self.trainer.lr, tokens_per_s=tps)
                 st.loss, st.tokens_per_s = loss, tps
                 progress.update(epoch=st.epoch, step=st.inner_step, loss=loss, tps=tps, peers=st.peers_seen)
             self.swarm.publish()
             self.exchange.refresh()
-        st.inner_s += time.perf_counter() - started
