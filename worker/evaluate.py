@@ -56,10 +56,13 @@ def held_out_batch(
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batch: torch.Tensor, *, epoch: int, micro_batch: int,
-             device: torch.device) -> EvalResult:
+             device: torch.device, params: dict[str, torch.Tensor] | None = None) -> EvalResult:
     """Mean next-token loss of `model` on `batch` (rows: inputs ``[:-1]``, targets ``[1:]``).
 
-    The model is put in eval mode for the pass and back in the mode it was in after.
+    The model is put in eval mode for the pass and back in the mode it was in after. With `params`
+    (by parameter name) the pass runs on those instead of the model's own, which stay as they are: the
+    local model after an overlapped outer step is not theta_g. They are moved to `device` for the pass
+    (on a GPU, a transient copy of the parameters).
     """
     began = time.perf_counter()
     was_training = model.training
@@ -67,12 +70,14 @@ def evaluate(model: torch.nn.Module, batch: torch.Tensor, *, epoch: int, micro_b
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
+    on_device = None if params is None else {n: p.to(device) for n, p in params.items()}
     try:
         for chunk in batch.split(max(1, micro_batch)):
             chunk = chunk.to(device)
             inputs, targets = chunk[:, :-1], chunk[:, 1:]
             with autocast:
-                logits = model(input_ids=inputs).logits
+                logits = (model(input_ids=inputs) if on_device is None
+                          else torch.func.functional_call(model, on_device, (), {"input_ids": inputs})).logits
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    reduction="sum")
             total += loss.double()

@@ -6,7 +6,8 @@ At the end of each inner phase the worker runs ``OuterRound.run``. Its phases, i
 2. ``check_agreement``: theta_g must be on the swarm's lineage (``dht.lineage``: the fork choice over
    every live peer's signed progress record, whatever its epoch); on another lineage the round ends as
    DESYNC (the loop fetches the winner's state before contributing again).
-3. ``wait_for_members``: wait (``RoundTiming.members_wait`` at most) for this round's peers.
+3. ``wait_for_members``: publish this worker as at its outer step (``announce_ready``), then wait
+   (``RoundTiming.members_wait`` at most) for this round's peers.
 4. ``average``: average delta with them (``averaging.SwarmAverager``).
 5. ``check_overtaken``: alone while the swarm already settled this epoch? Take its state instead.
 6. ``check_partners``: no group, but live peers hold this theta_g? Then the round is EXTENDED: the
@@ -221,8 +222,8 @@ class OuterRound:
         """The blocking round: every phase now; the local model starts the next phase from theta_g."""
         began = time.perf_counter()
         r = self._new_round()
-        phases = (self.pseudo_gradient, self.check_agreement, self.wait_for_members, self.average,
-                  self.check_overtaken, self.check_partners)
+        phases = (self.pseudo_gradient, self.check_agreement, self.announce_ready, self.wait_for_members,
+                  self.average, self.check_overtaken, self.check_partners)
         if self.faults.strikes("step_alone", r.epoch):  # a no-op unless a test asks
             phases = (self.pseudo_gradient, self.check_agreement, self._fault_alone)
         outcome = self._phases(r, phases)
@@ -270,7 +271,6 @@ class OuterRound:
         group_size = saved.get("group_size")
         self.state.in_flight_step = flight.launched_step
         if group_size is None:
-            self.swarm.publish(force=True)
             self._start_background(flight)
         else:
             r.facts = replace(r.facts, group_size=int(group_size))  # type: ignore[call-overload]
@@ -328,7 +328,7 @@ class OuterRound:
             except BaseException as e:  # raised again on the training loop's thread, by land
                 flight.error = e
 
-        self.swarm.publish(force=True)  # at the outer step: what the members wait for
+        self.announce_ready(flight.round)
         flight.thread = threading.Thread(target=background, name=f"outer-round-{flight.round.epoch}",
                                          daemon=True)
         flight.thread.start()
@@ -343,10 +343,14 @@ class OuterRound:
         r.verdict = self.swarm.verdict()
         return replace(r.facts, agrees=not r.verdict.forked)
 
+    def announce_ready(self, r: _Round) -> RoundFacts:
+        """Publish this worker's record as at its outer step: what the others' members wait for."""
+        self.swarm.publish(force=True)
+        return r.facts
+
     def wait_for_members(self, r: _Round) -> RoundFacts:
         """Tell the others this worker is ready, then wait (bounded) for the peers still in their inner
-        phase: ``members_wait`` at most, so that matchmaking and the all-reduce keep the rest. The caller
-        published this worker's record as at its outer step."""
+        phase: ``members_wait`` at most, so that matchmaking and the all-reduce keep the rest."""
         r.members = self.swarm.wait_for_round(
             epoch=r.epoch, param_sha256=self.state.param_sha256, inner_steps=self.timing.inner_steps,
             until=time.monotonic() + max(0.0, self.timing.members_wait), stop=self.stop,

@@ -137,7 +137,6 @@ class Worker:
         self.sync: StateSync | None = None
         self.round: OuterRound | None = None
         self.flight: InFlight | None = None  # the overlapped round whose outer step has not landed yet
-        self._landed: RoundReport | None = None  # the round whose outer step made the current theta_g
         self.held_out: torch.Tensor | None = None  # the run's held-out sequences, when --eval-every is on
         self._averaging_line = ""  # the compression and timeouts picked, said at start (_announce)
         self._clock_warned: float | None = None  # the clock offset last warned about (None: none since ok)
@@ -474,9 +473,8 @@ class Worker:
         progress = RoundProgress(enabled=cfg.run.progress and sys.stderr.isatty(),
                                  inner_steps=cfg.train.inner_steps)
         progress.start()
-        more = lambda: cfg.run.max_epochs == 0 or self.state.epoch < cfg.run.max_epochs  # noqa: E731
         try:
-            while not self.stop_requested and more():
+            while not self.stop_requested and self._more_epochs():
                 if not self.state.in_sync:
                     self.sync.repair(target=self._repair_target)
                     continue
@@ -484,31 +482,30 @@ class Worker:
                     # Missed rounds (a failed group, a pause): take the swarm's newest state.
                     self.sync.catch_up()
                 self._inner_phase(progress)
-                if self.stop_requested:
-                    break
+                if self.stop_requested or not self._more_epochs():
+                    break  # (the last overlapped round landed within the phase)
                 self._outer_step()
         finally:
             progress.shutdown()
 
+    def _more_epochs(self) -> bool:
+        return self.cfg.run.max_epochs == 0 or self.state.epoch < self.cfg.run.max_epochs
+
     def _outer_step(self) -> None:
         """At the end of an inner phase: the blocking round, or (overlap) the launch of one in flight.
 
-        The last round of a run with --max-epochs blocks: the run ends on theta_g, not mid-phase."""
+        An overlapped run with --max-epochs ends where its last round lands, a few inner steps into the
+        next phase (saved with them): stopped there or at any other epoch, it resumes exactly."""
         cfg = self.cfg
         land_at = cfg.outer.land_at(cfg.train.inner_steps)
-        last = cfg.run.max_epochs > 0 and self.state.epoch + 1 >= cfg.run.max_epochs
-        if land_at is None or last:
+        if land_at is None:
             report = self.round.run()
         else:
             launched = self.round.launch(land_at=land_at)
             if isinstance(launched, InFlight):
                 self.flight = launched
-                if self._landed is not None:
-                    self._evaluate(self._landed)  # the local model is theta_g until the next inner step
                 return
             report = launched
-        if report.outcome in (Outcome.AVERAGED, Outcome.ALONE):
-            self._landed = report
         self._after_round(report)
         self._evaluate(report)
 
@@ -519,9 +516,8 @@ class Worker:
         if report.outcome is Outcome.STOPPED:
             return  # still in flight: shutdown's checkpoint keeps it
         self.flight = None
-        if report.outcome in (Outcome.AVERAGED, Outcome.ALONE):
-            self._landed = report
         self._after_round(report)
+        self._evaluate(report, local_is_theta_g=False)
 
     def _after_round(self, report: RoundReport) -> None:
         """What follows every outer step that ended: the clock check, a repair's target, the checkpoint."""
@@ -552,19 +548,22 @@ class Worker:
             notice(f"[yellow]{found.line}[/]")
             self.metrics.emit("clock_warning", epoch=self.state.epoch, clock_offset=mine)
 
-    def _evaluate(self, report: RoundReport) -> None:
+    def _evaluate(self, report: RoundReport, *, local_is_theta_g: bool = True) -> None:
         """Every --eval-every epochs, one member of the round evaluates the new theta_g on the held-out split.
 
-        Right after an outer step the local model is theta_g itself (the step copies it in), so the pass
-        runs on the model as it is: no extra copy of the parameters."""
+        Right after a blocking outer step the local model is theta_g itself (the step copies it in), so the
+        pass runs on the model as it is: no extra copy of the parameters. After an overlapped one it runs on
+        theta_g's tensors in the model's place."""
         st, every = self.state, self.cfg.run.eval_every
         stepped = report.outcome in (Outcome.AVERAGED, Outcome.ALONE)
         if self.held_out is None or not stepped or st.epoch % every or st.eval_epoch == st.epoch:
             return
         if not eval_duty(epoch=st.epoch, group=list(report.group), me=self.peer_id):
             return
+        theta_g = None if local_is_theta_g else dict(zip(self.names, self.outer.params, strict=True))
         result = evaluate(self.trainer.model, self.held_out, epoch=st.epoch, device=self.device,
-                          micro_batch=self.cfg.train.micro_batch_size or self.cfg.train.batch_size)
+                          micro_batch=self.cfg.train.micro_batch_size or self.cfg.train.batch_size,
+                          params=theta_g)
         st.eval_epoch, st.eval_loss = result.epoch, result.loss
         self.metrics.emit("eval", **result.fields(), param_sha256=st.param_sha256)
         self.swarm.publish(force=True)
@@ -578,6 +577,8 @@ class Worker:
         while st.inner_step < cfg.train.inner_steps and not self.stop_requested:
             if self.flight is not None and st.inner_step >= self.flight.land_at:
                 self._land()  # may take the swarm's state instead, which moves inner_step
+                if not self._more_epochs():
+                    break
                 continue
             began = time.perf_counter()
             batch = self.data.next_batch()
@@ -593,9 +594,12 @@ class Worker:
                 self.stop_requested = True  # as a SIGTERM would, with the round surely still in flight
             if loss is not None:
                 tps = steps_here * tokens_per_step / max(stepping_s, 1e-9)
-                self.metrics.emit("inner_step", epoch=st.epoch, step=st.inner_step, loss=loss,
+                # In flight, the steps are the next round's (theta_g's epoch moves on when the round lands).
+                round_epoch = st.epoch + (1 if self.flight is not None else 0)
+                self.metrics.emit("inner_step", epoch=round_epoch, step=st.inner_step, loss=loss,
                                   tokens=st.tokens, lr=self.trainer.lr, tokens_per_s=tps)
                 st.loss, st.tokens_per_s = loss, tps
-                progress.update(epoch=st.epoch, step=st.inner_step, loss=loss, tps=tps, peers=st.peers_seen)
+                progress.update(epoch=round_epoch, step=st.inner_step, loss=loss, tps=tps,
+                                peers=st.peers_seen)
             self.swarm.publish()
             self.exchange.refresh()
