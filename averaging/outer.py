@@ -94,18 +94,21 @@ class OuterOptimizer:
         self._opt.step()
 
     @torch.no_grad()
-    def step_moving(self, local_params: Sequence[torch.Tensor]) -> None:
+    def step_moving(self, *local_models: Sequence[torch.Tensor]) -> None:
         """The outer step, moving the local model by the same change of theta_g (the overlapped round).
 
         The local model trained on from the pre-average theta_g while the all-reduce ran; it keeps that
         progress and gains what the step changed: local += theta_g(after) - theta_g(before). theta_g's
         own arithmetic is ``step()``'s, so peers still agree bitwise. No copy of the parameters is made:
-        theta_g(before) is taken out of the local model before the step and theta_g(after) added back."""
-        for param, local in zip(self.params, local_params, strict=True):
-            local.sub_(param.to(local.device, local.dtype))
+        theta_g(before) is taken out of the local model before the step and theta_g(after) added back.
+        A worker passes its one model; a simulation of several workers (bench/convergence.py) all of them."""
+        for local_params in local_models:
+            for param, local in zip(self.params, local_params, strict=True):
+                local.sub_(param.to(local.device, local.dtype))
         self._opt.step()
-        for param, local in zip(self.params, local_params, strict=True):
-            local.add_(param.to(local.device, local.dtype))
+        for local_params in local_models:
+            for param, local in zip(self.params, local_params, strict=True):
+                local.add_(param.to(local.device, local.dtype))
 
     @torch.no_grad()
     def subtract_delta(self, local_params: Sequence[torch.Tensor]) -> None:

@@ -12,13 +12,19 @@ corpus's eval split.
 
     python bench/convergence.py [--quick] [--steps 400] [--seeds 0 1 2] [--plot docs/convergence.png]
 
-Ends with one JSON line: {"bench": "convergence", "diloco_loss", "ddp_loss", "gap_pct", "untrained_loss",
-...}. ``--quick`` exits non-zero when the model did not train (see quick_failures).
+Overlapped DiLoCo (the worker's default, ``--overlap on``) runs beside blocking DiLoCo at equal steps:
+each round's average lands ``--overlap-steps`` into the next phase, which trained from the pre-average
+theta_g meanwhile; the last round's lands at the end.
+
+Ends with one JSON line: {"bench": "convergence", "diloco_loss", "overlap_loss", "overlap_gap_pct",
+"ddp_loss", "gap_pct", "untrained_loss", ...}. ``--quick`` exits non-zero when the model did not train
+(see quick_failures).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -31,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from averaging.outer import OuterOptimizer  # noqa: E402
-from worker.config import TrainConfig  # noqa: E402
+from worker.config import OuterConfig, TrainConfig  # noqa: E402
 from worker.data import ByteTokenizer, PackedBatches, open_stream  # noqa: E402
 from worker.model import build_model  # noqa: E402
 from worker.train import InnerTrainer  # noqa: E402
@@ -76,9 +82,11 @@ def train_cfg(args: argparse.Namespace, batch: int) -> TrainConfig:
                        warmup_steps=args.steps // 20, total_steps=args.steps, grad_clip=1.0, weight_decay=0.1)
 
 
-def run_diloco(args: argparse.Namespace, *, m: int, batch: int, seed: int,
-               evals: list[torch.Tensor]) -> list[tuple[int, float]]:
-    """M workers, H inner steps, outer Nesterov; returns (step, held-out loss of theta_g) after each round."""
+def run_diloco(args: argparse.Namespace, *, m: int, batch: int, seed: int, evals: list[torch.Tensor],
+               land_at: int = 0) -> list[tuple[int, float]]:
+    """M workers, H inner steps, outer Nesterov; returns (step, held-out loss of theta_g) after each round.
+
+    ``land_at`` > 0: overlapped outer steps, as the worker's --overlap-steps (0: blocking)."""
     base = build_model("tiny", seed=seed, vocab_min=259)
     outer = OuterOptimizer(list(base.parameters()), lr=args.outer_lr, momentum=0.9, nesterov=True)
     trainers = [InnerTrainer(model=build_model("tiny", seed=seed, vocab_min=259), cfg=train_cfg(args, batch),
@@ -86,20 +94,36 @@ def run_diloco(args: argparse.Namespace, *, m: int, batch: int, seed: int,
     streams = [stream(f"worker-{i}", batch, args.seq_len, seed) for i in range(m)]
     curve = []
     rounds = args.steps // args.inner_steps
+    for trainer in trainers:
+        outer.copy_to(trainer.params)
     for r in range(rounds):
+        # Overlapped (land_at > 0): the previous round's average lands after land_at steps of this one,
+        # which ran from the pre-average theta_g; each local model then moves by theta_g's change.
+        pending = land_at > 0 and r > 0
+        if pending:
+            train_all(trainers, streams, land_at)
+            outer.step_moving(*(t.params for t in trainers))
+            curve.append((r * args.inner_steps, eval_loss(outer.params, seed, args.seq_len, evals)))
+        train_all(trainers, streams, args.inner_steps - (land_at if pending else 0))
         total = [torch.zeros_like(p) for p in outer.params]
-        for trainer, data in zip(trainers, streams, strict=True):
-            outer.copy_to(trainer.params)
-            for _ in range(args.inner_steps):
-                trainer.step(data.next_batch(), want_loss=False)
+        for trainer in trainers:
             outer.compute_pseudo_gradient(trainer.params)
             for t, d in zip(total, outer.delta, strict=True):
                 t.add_(d)
         for d, t in zip(outer.delta, total, strict=True):
             d.copy_(t / m)  # equal tokens per worker: the weighted mean is the plain mean
-        outer.step()
-        curve.append(((r + 1) * args.inner_steps, eval_loss(outer.params, seed, args.seq_len, evals)))
+        if land_at == 0 or r == rounds - 1:  # blocking, or the last round: nothing trains after it
+            outer.step()
+            curve.append(((r + 1) * args.inner_steps, eval_loss(outer.params, seed, args.seq_len, evals)))
+        for trainer in trainers:
+            outer.copy_to(trainer.params)  # the next phase starts from theta_g (overlapped: pre-average)
     return curve
+
+
+def train_all(trainers: list[InnerTrainer], streams: list[PackedBatches], steps: int) -> None:
+    for trainer, data in zip(trainers, streams, strict=True):
+        for _ in range(steps):
+            trainer.step(data.next_batch(), want_loss=False)
 
 
 def run_ddp(args: argparse.Namespace, *, m: int, batch: int, seed: int,
@@ -128,15 +152,18 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--overlap-steps", type=int, default=None,
+                        help="where overlapped DiLoCo's outer step lands (default: the worker's, H // 8)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--plot", type=Path, default=None, help="write the loss curves to this PNG")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.inner_steps, args.seeds, args.batch, args.seq_len = 20, 10, [0], 2, 32
+    land_at = args.overlap_steps or OuterConfig().land_at(args.inner_steps) or 0
     torch.set_num_threads(2)
     began = time.perf_counter()
-    results: dict[str, list[list[tuple[int, float]]]] = {"diloco": [], "ddp": [], "diloco_m1": [],
-                                                         "single_1_over_m": []}
+    results: dict[str, list[list[tuple[int, float]]]] = {"diloco": [], "diloco_overlap": [], "ddp": [],
+                                                         "diloco_m1": [], "single_1_over_m": []}
     untrained = []
     for seed in args.seeds:
         evals = [stream("eval", 16, args.seq_len, seed, split="eval").next_batch()
@@ -146,7 +173,9 @@ def main() -> None:
         untrained.append(eval_loss(initial, seed, args.seq_len, evals))
         m, b = args.workers, args.batch
         # (name, runner, workers, per-worker batch): the controls keep the same step count.
-        variants = [("diloco", run_diloco, m, b), ("ddp", run_ddp, m, b), ("diloco_m1", run_diloco, 1, m * b),
+        overlapped = functools.partial(run_diloco, land_at=land_at)
+        variants = [("diloco", run_diloco, m, b), ("diloco_overlap", overlapped, m, b),
+                    ("ddp", run_ddp, m, b), ("diloco_m1", run_diloco, 1, m * b),
                     ("single_1_over_m", run_ddp, 1, b)]
         for name, runner, workers, batch in variants:
             t = time.perf_counter()
@@ -156,8 +185,10 @@ def main() -> None:
                   f"({time.perf_counter() - t:.0f}s)", flush=True)
     final = {name: statistics.mean(c[-1][1] for c in curves) for name, curves in results.items()}
     gap = 100 * (final["diloco"] - final["ddp"]) / final["ddp"]
+    overlap_gap = 100 * (final["diloco_overlap"] - final["diloco"]) / final["diloco"]
     print(f"DiLoCo M={args.workers} H={args.inner_steps}: {final['diloco']:.4f}  "
-          f"data parallel: {final['ddp']:.4f}  gap {gap:+.1f}%")
+          f"data parallel: {final['ddp']:.4f}  gap {gap:+.1f}%; overlapped (lands at step {land_at}): "
+          f"{final['diloco_overlap']:.4f}, {overlap_gap:+.2f}% against blocking")
     if args.plot:
         import matplotlib
 
@@ -179,7 +210,9 @@ def main() -> None:
         fig.savefig(args.plot, dpi=110, bbox_inches="tight")
     result = {
         "bench": "convergence", "diloco_loss": round(final["diloco"], 4), "ddp_loss": round(final["ddp"], 4),
-        "gap_pct": round(gap, 2), "diloco_m1_loss": round(final["diloco_m1"], 4),
+        "gap_pct": round(gap, 2), "overlap_loss": round(final["diloco_overlap"], 4),
+        "overlap_gap_pct": round(overlap_gap, 2), "overlap_steps": land_at,
+        "diloco_m1_loss": round(final["diloco_m1"], 4),
         "single_1_over_m_loss": round(final["single_1_over_m"], 4),
         "untrained_loss": round(statistics.mean(untrained), 4), "workers": args.workers,
         "inner_steps": args.inner_steps, "steps": args.steps, "seeds": args.seeds,
