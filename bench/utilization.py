@@ -15,13 +15,14 @@ The outer step's own share is reported too (`not_blocked` = 1 - sum(blocked_s) /
 finishing their inner phase, matchmaking, the all-reduce, the outer update and hashing.
 The all-reduce itself is also compared with its floor 2(N-1)/N * S / BW (S: the bytes a
 worker sends). Anchors: INTELLECT-1 reports 83-96%, Streaming DiLoCo 95% (it overlaps
-communication with compute; this worker blocks at the outer step, so utilization is set
-by how long the inner phase is against the all-reduce).
+communication with compute, as the worker does by default). Full mode runs the swarm twice,
+``--overlap off`` (blocking: utilization is set by the inner phase against the outer step) and then
+``on`` (the outer step's all-reduce runs while the next inner phase trains), and reports both.
 
 Without root (no namespaces) the workers run on loopback, unshaped, and the output says so.
 
     python bench/utilization.py [--quick] [--workers 4] [--rate-mbit 100] [--inner-steps 30]
-        [--plot docs/utilization.png]
+        [--overlap both|on|off] [--plot docs/utilization.png]
 
 Ends with one JSON line: {"bench": "utilization", "utilization": ..., ...}.
 """
@@ -111,7 +112,9 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3, help="rounds measured (after the first)")
     parser.add_argument("--compression", default="int8", choices=["none", "fp16", "int8"])
-    parser.add_argument("--plot", type=Path, help="write a timeline PNG here")
+    parser.add_argument("--overlap", default="both", choices=["both", "on", "off"],
+                        help="the workers' --overlap; both (full mode's default): off, then on, same figures")
+    parser.add_argument("--plot", type=Path, help="write a timeline PNG here (of the overlapped run)")
     args = parser.parse_args()
     if args.quick:
         args.inner_steps, args.rounds = 8, 2
@@ -119,6 +122,24 @@ def main() -> None:
     shaped, why = netns.available()
     if not shaped:
         print(f"network namespaces unavailable ({why}): workers run on loopback, links unshaped")
+    # Full mode measures the blocking round beside the overlapped one, in the same run; quick the default.
+    both = ["on"] if args.quick else ["off", "on"]
+    modes = both if args.overlap == "both" else [args.overlap]
+    by_mode = {}
+    for mode in modes:
+        results = run_swarm(args, shaped=shaped, overlap=mode)
+        by_mode[mode] = summarize(args, results, shaped=shaped, overlap=mode)
+    out = dict(by_mode[modes[-1]])
+    if "off" in by_mode and "on" in by_mode:
+        out["blocking_utilization"] = by_mode["off"]["utilization"]
+        out["blocking_blocked_s_per_round"] = by_mode["off"]["blocked_s_per_round"]
+        print(f"overlapped {100 * out['utilization']:.1f}% against blocking "
+              f"{100 * out['blocking_utilization']:.1f}%, the same swarm and link")
+    print(json.dumps(out))
+
+
+def run_swarm(args: argparse.Namespace, *, shaped: bool, overlap: str) -> list[dict[str, Any]]:
+    """One swarm run with --overlap `overlap`; each worker's figures from its metrics."""
     with tempfile.TemporaryDirectory(prefix="utilization-") as tmp:
         base = Path(tmp)
         model = "tiny" if args.quick else custom_model(base / "model", args.hidden, args.layers)
@@ -126,7 +147,7 @@ def main() -> None:
                   "--no-progress", "--inner-steps", str(args.inner_steps), "--compression", args.compression,
                   "--matchmaking-time", "3", "--request-timeout", "1", "--averaging-timeout", "120",
                   "--max-epochs", str(args.rounds + 1), "--min-peers", str(args.workers),
-                  "--join-timeout", "120"]
+                  "--join-timeout", "120", "--overlap", overlap]
         run_dirs = [base / f"w{i}" for i in range(args.workers)]
         network = netns.Network.create(args.workers, rate_mbit=args.rate_mbit) if shaped else None
         procs: list[subprocess.Popen[bytes]] = []
@@ -147,15 +168,22 @@ def main() -> None:
                 if code != 0:
                     raise RuntimeError(f"a worker exited with {code}; see its worker.log")
             results = [worker_utilization(d) for d in run_dirs]
-            if args.plot:
+            if args.plot and overlap == "on":
                 plot(run_dirs, args.plot,
-                     f"{args.workers} workers, {args.rate_mbit:g} Mbit/s uplinks, H={args.inner_steps}")
+                     f"{args.workers} workers, {args.rate_mbit:g} Mbit/s uplinks, H={args.inner_steps}, "
+                     "overlapped outer steps")
         finally:
             stop_all(procs)
             if network:
                 network.destroy()
+    return results
 
+
+def summarize(args: argparse.Namespace, results: list[dict[str, Any]], *, shaped: bool,
+              overlap: str) -> dict[str, Any]:
+    """Print one mode's figures; its JSON fields."""
     n = args.workers
+    print(f"--overlap {overlap}:")
     for r in results:
         print(f"{r['worker']}: utilization {100 * r['utilization']:.1f}% (not blocked by the outer step "
               f"{100 * r['not_blocked']:.1f}%) over {r['rounds']} rounds, blocked "
@@ -167,11 +195,11 @@ def main() -> None:
     floor_s = sent * 8 / (args.rate_mbit * 1e6) if shaped else None
     full = all(size == n for r in results for size in r["group_sizes"])
     link = f"{args.rate_mbit:g} Mbit/s" if shaped else "loopback"
-    print(f"utilization {100 * utilization:.1f}% ({n} workers, {link}); "
+    print(f"utilization {100 * utilization:.1f}% ({n} workers, {link}, overlap {overlap}); "
           f"all-reduce {allreduce_s:.2f}s" + (f", floor {floor_s:.2f}s" if floor_s else "")
           + ("" if full else "; some rounds were not one group of all workers"))
-    print(json.dumps({
-        "bench": "utilization", "utilization": round(utilization, 4),
+    return {
+        "bench": "utilization", "utilization": round(utilization, 4), "overlap": overlap,
         "not_blocked": round(statistics.mean(r["not_blocked"] for r in results), 4), "workers": n,
         "shaped": shaped,
         "rate_mbit": args.rate_mbit if shaped else None, "inner_steps": args.inner_steps,
@@ -179,7 +207,7 @@ def main() -> None:
         "allreduce_s": round(allreduce_s, 3), "allreduce_floor_s": round(floor_s, 3) if floor_s else None,
         "blocked_s_per_round": round(statistics.mean(r["blocked_s"] for r in results), 3),
         "all_rounds_full_group": full, "per_worker": [round(r["utilization"], 4) for r in results],
-    }))
+    }
 
 
 if __name__ == "__main__":
