@@ -90,19 +90,22 @@ def test_three_workers_agree_bitwise(tmp_path: Path, procs: list, compression: s
 @pytest.mark.slow
 def test_survivors_finish_the_round_when_a_peer_is_killed_mid_round(tmp_path: Path, procs: list) -> None:
     """SIGKILL a peer while its round 2 is in flight (overlapped: its all-reduce runs in the background);
-    the survivors end that round together, and the peer restarts, catches up and averages with them."""
-    epochs = 8
-    dirs = start_swarm(tmp_path, procs, 3, "--max-epochs", str(epochs))
+    the survivors end that round together, and once they are further on, the peer restarts, catches up
+    and averages with them."""
+    dirs = start_swarm(tmp_path, procs, 3)  # until stopped: the survivors keep going while the victim is down
+    survivors = dirs[:2]
     victim = procs[2]
     wait_for(lambda: any(r["epoch"] == 2 for r in events(dirs[2], "round_launched")),
              timeout=180, what="the victim's round 2 in flight")
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
-    procs.append(start_worker(dirs[2], *SWARM, "--max-epochs", str(epochs),
-                              *join_args(dirs[0])))
+    wait_for(lambda: all(any(r["epoch"] >= 5 for r in events(d, "outer_step")) for d in survivors),
+             timeout=180, what="the survivors to move on without the victim")
+    procs.append(start_worker(dirs[2], *SWARM, *join_args(dirs[0])))
+    wait_for(lambda: any(r["group_size"] == 3 for r in events(dirs[2], "outer_step")[2:]), timeout=180,
+             what="the victim to average with the survivors again")
     for proc in procs[:2] + procs[3:]:
-        assert proc.wait(timeout=240) == 0
-    survivors = dirs[:2]
+        assert stop(proc) == 0
     table = hashes_by_epoch(survivors)
     # The round of the kill: both survivors end it together, with one hash. It is not left to each
     # survivor alone (that forked the swarm N ways).
@@ -113,12 +116,13 @@ def test_survivors_finish_the_round_when_a_peer_is_killed_mid_round(tmp_path: Pa
                                                  and r["epoch"] > 2]
         assert all(r["param_sha256"] and r["blocked_s"] < 60 for r in events(d, "outer_step"))
     # The victim came back from its own checkpoint, took the swarm's newer state, and from then on holds
-    # the survivors' hash at every epoch, ending in a group of all three.
+    # the survivors' hash at every epoch.
     loaded = events(dirs[2], "state_loaded")
     assert [r["source"] for r in loaded][:2] == ["disk", "peer"], loaded
     back = [r for r in events(dirs[2], "outer_step") if r["time"] > loaded[1]["time"]]
-    assert back and all(r["param_sha256"] == table[r["epoch"]][dirs[0].name] for r in back)
-    assert back[-1]["epoch"] == epochs and back[-1]["group_size"] == 3, back
+    assert back and all(r["param_sha256"] == table[r["epoch"]][dirs[0].name] for r in back
+                        if r["epoch"] in table and dirs[0].name in table[r["epoch"]])
+    assert any(r["group_size"] == 3 for r in back)
 
 
 @pytest.mark.slow
