@@ -100,9 +100,11 @@ class _Tally:
     """What the events imply beyond their own fields: tokens trained by this process, and event counts.
 
     An ``inner_step`` event carries the step within its round (and events may skip steps: --log-every),
-    so the tokens trained since the last event are the steps since then times the tokens of a step; a new
-    round, or a state loaded from disk or from peers (which sets the step this worker resumes from),
-    restarts the count from there.
+    so the tokens trained since the last event are the steps since then times the tokens of a step; a step
+    not past the last one is a new round's, counted from 0; a state loaded from disk or from peers (which
+    sets the step this worker resumes from) restarts the count from there. The epoch is not compared: the
+    steps of an overlapped round in flight carry the next epoch, and go back to this one when the round is
+    extended.
     """
 
     def __init__(self, cfg: WorkerConfig) -> None:
@@ -119,8 +121,8 @@ class _Tally:
     def inner_step(self, record: dict[str, Any]) -> int:
         """The tokens trained since the last event (and adds them to the total)."""
         epoch, step = int(record["epoch"]), int(record["step"])
-        last_epoch, last_step = self._at
-        steps = step - last_step if epoch == last_epoch and step >= last_step else step
+        _, last_step = self._at
+        steps = step - last_step if step > last_step else step
         self._at = (epoch, step)
         self.tokens += steps * self.tokens_per_step
         return steps * self.tokens_per_step

@@ -1,6 +1,7 @@
 """One DiLoCo outer round, as named phases, ending in one outcome.
 
-At the end of each inner phase the worker runs ``OuterRound.run``. Its phases, in order:
+At the end of each inner phase the worker runs the round (``run``, or ``launch`` then ``land`` when
+overlapped: see below). Its phases, in order:
 
 1. ``pseudo_gradient``: delta = theta_g - theta_local; a non-finite delta drops the round.
 2. ``check_agreement``: theta_g must be on the swarm's lineage (``dht.lineage``: the fork choice over
@@ -189,6 +190,7 @@ class InFlight:
     launch_s: float  # seconds the training loop spent at the launch
     thread: threading.Thread | None = None  # None: nothing runs (resolved, or restored from a checkpoint)
     error: BaseException | None = None  # what the background part raised, raised again by ``land``
+    landed: bool = False  # its outcome is being applied: no checkpoint may keep it as still in flight
 
     def meta(self) -> dict[str, object]:
         """What a checkpoint keeps of it (with the delta buffer: the own or, once averaged, the group's)."""
@@ -267,7 +269,9 @@ class OuterRound:
                    facts=RoundFacts(finite=True, agrees=True))
         flight = InFlight(round=r, inner_s=float(saved["inner_s"]),  # type: ignore[arg-type]
                           launched_step=int(saved["launched_step"]),  # type: ignore[call-overload]
-                          land_at=int(saved["land_at"]), launch_s=0.0)  # type: ignore[call-overload]
+                          # A restart with a shorter H still lands within the phase.
+                          land_at=min(int(saved["land_at"]), max(1, self.timing.inner_steps - 1)),  # type: ignore[call-overload]
+                          launch_s=0.0)
         group_size = saved.get("group_size")
         self.state.in_flight_step = flight.launched_step
         if group_size is None:
@@ -294,6 +298,10 @@ class OuterRound:
         if flight.error is not None:
             raise flight.error
         r = flight.round
+        # The launch's deadline may have passed during the inner steps: a fetch of the swarm's state
+        # (check_overtaken) gets a few matchmaking windows from now.
+        t = self.timing
+        r.deadline = max(r.deadline, time.monotonic() + 2 * t.matchmaking_time + t.request_timeout)
         r.facts = replace(r.facts, stop_requested=self.stop())
         outcome = decide(r.facts)
         if outcome is None:
@@ -301,8 +309,11 @@ class OuterRound:
             outcome = self._phases(r, (self.check_overtaken, self.check_partners))
         assert outcome is not None, f"no outcome from {r.facts}"
         report = self._report(r, outcome)
-        if outcome is not Outcome.STOPPED:
+        if outcome is Outcome.STOPPED:
+            self.state.in_flight_step = flight.launched_step  # still in flight, and shown so
+        else:
             self.state.in_flight_step = -1
+            flight.landed = True
         self._finish(report, began=began - flight.launch_s, flight=flight)
         return report
 
@@ -349,8 +360,8 @@ class OuterRound:
         return r.facts
 
     def wait_for_members(self, r: _Round) -> RoundFacts:
-        """Tell the others this worker is ready, then wait (bounded) for the peers still in their inner
-        phase: ``members_wait`` at most, so that matchmaking and the all-reduce keep the rest."""
+        """Wait (bounded) for the peers still in their inner phase: ``members_wait`` at most, so that
+        matchmaking and the all-reduce keep the rest."""
         r.members = self.swarm.wait_for_round(
             epoch=r.epoch, param_sha256=self.state.param_sha256, inner_steps=self.timing.inner_steps,
             until=time.monotonic() + max(0.0, self.timing.members_wait), stop=self.stop,
@@ -406,7 +417,7 @@ class OuterRound:
         """No group formed: were peers of this lineage ready to average (a failed attempt), or are they now?
 
         Those ready when this worker waited for its members count even if they have since moved on to an
-        extension of their own (their record then shows inner step 0)."""
+        extension of their own (their record then shows an early inner step)."""
         ready_then = r.members.ready - 1 if r.members else 0
         partners = max(ready_then, self.swarm.partners(inner_steps=self.timing.inner_steps))
         return replace(r.facts, partners=partners, may_extend=self.state.extensions < MAX_EXTENSIONS)

@@ -159,3 +159,5 @@ class DiskState:
         self.restored_flight = pending if isinstance(pending, dict) and "pending" in state.tensors else None
         if self.restored_flight is not None:
             self.outer.load_delta([state.tensors["pending"][n] for n in self.names])
+            # Published as at its outer step from the start: peers count it while it resumes the round.
+            self.state.in_flight_step = int(self.restored_flight["launched_step"])

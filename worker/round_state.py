@@ -60,6 +60,7 @@ class RoundState:
     def restart(self) -> None:
         """Forget the current round's inner work (its steps, tokens and time): theta_g is what stands."""
         self.inner_step, self.tokens, self.inner_s, self.extensions = 0, 0, 0.0, 0
+        self.in_flight_step = -1
 
     def extend(self) -> None:
         """The outer step found no group: one more inner phase, keeping the local model and its tokens."""

@@ -159,10 +159,10 @@ class Worker:
         self._announce(count_parameters(model))
         self._wait_for_peers()
         # A newcomer, or a restart from an old checkpoint, starts from the swarm's newest state.
-        took = self.sync.catch_up()
+        took = self.sync.catch_up()  # a state taken ends a restored round in flight too (RoundState.restart)
         if self.disk.restored_flight is not None and not took:
             self.flight = self.round.resume(self.disk.restored_flight)
-        if self.state.epoch > 0 and self.state.inner_step == 0:
+        if self.state.epoch > 0:
             self.sync.offer()
 
     def _lock_run_dir(self) -> None:
@@ -431,10 +431,12 @@ class Worker:
             if not self._forced and self.saver is not None:
                 self._stop_saver()  # the final save below still tries after a failed background write
             # After a forced stop the state may be half-updated: the last checkpoint stands.
-            if self._started and not self._forced and self.flight is not None:
-                self.round.settle(self.flight)  # the checkpoint keeps the round as it ends
-            if self._started and not self._forced and (self.disk.unsaved or self.flight is not None):
-                self.disk.save(flight=self.flight)
+            flight = self.flight if self.flight is not None and not self.flight.landed else None
+            if self._started and not self._forced and flight is not None:
+                self.stop_requested = True  # also after an error: the round's wait for members ends now
+                self.round.settle(flight)  # the checkpoint keeps the round as it ends
+            if self._started and not self._forced and (self.disk.unsaved or flight is not None):
+                self.disk.save(flight=flight)
         finally:
             self._interruptible = False
             self._resources.close()
@@ -517,6 +519,8 @@ class Worker:
             return  # still in flight: shutdown's checkpoint keeps it
         self.flight = None
         self._after_round(report)
+        if report.outcome is Outcome.EXTENDED:
+            self.sync.catch_up()  # the boundary's catch-up, which an overlapped phase does not pass through
         self._evaluate(report, local_is_theta_g=False)
 
     def _after_round(self, report: RoundReport) -> None:

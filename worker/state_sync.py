@@ -57,7 +57,10 @@ class StateSync:
         if not self.state.in_sync:
             return
         shared = SharedState(
-            epoch=self.state.epoch, global_step=self.trainer.step_count, param_sha256=self.state.param_sha256,
+            # The global step at the start of theta_g's round: a receiver adds the inner step it joins at (an
+            # overlapped step is offered a few inner steps into the next phase).
+            epoch=self.state.epoch, global_step=self.trainer.step_count - self.state.inner_step,
+            param_sha256=self.state.param_sha256,
             params=dict(zip(self.names, self.outer.params, strict=True)), outer=self.outer.state_tensors(),
             trained_tokens=self.state.trained_tokens, ancestry=self.state.ancestry,
         )

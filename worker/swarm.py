@@ -88,7 +88,7 @@ class SwarmView:
         """Ping the entry peers and the peers seen lately but not in the newest read (a partition, or a
         DHT that split at start-up): whoever answers is back in this node's routing table."""
         self._last_rejoin = now
-        lost = sorted(((seen, p) for p, seen in self._seen.items()
+        lost = sorted(((seen, p) for p, seen in list(self._seen.items())  # an overlapped round's thread adds
                        if PUBLISH_EVERY < now - seen < FORGET_AFTER), reverse=True)
         missing = [p for _, p in lost]  # the most recently lost first
         ping_peers(self.board.dht, list(dict.fromkeys([*self._entry_peers, *missing[:MAX_PINGS]])))
