@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--compression", default="int8", choices=["none", "fp16", "int8"])
     parser.add_argument("--overlap", default="both", choices=["both", "on", "off"],
                         help="the workers' --overlap; both (full mode's default): off, then on, same figures")
+    parser.add_argument("--overlap-steps", default="auto", help="the workers' --overlap-steps")
     parser.add_argument("--plot", type=Path, help="write a timeline PNG here (of the overlapped run)")
     args = parser.parse_args()
     if args.quick:
@@ -147,7 +148,7 @@ def run_swarm(args: argparse.Namespace, *, shaped: bool, overlap: str) -> list[d
                   "--no-progress", "--inner-steps", str(args.inner_steps), "--compression", args.compression,
                   "--matchmaking-time", "3", "--request-timeout", "1", "--averaging-timeout", "120",
                   "--max-epochs", str(args.rounds + 1), "--min-peers", str(args.workers),
-                  "--join-timeout", "120", "--overlap", overlap]
+                  "--join-timeout", "120", "--overlap", overlap, "--overlap-steps", str(args.overlap_steps)]
         run_dirs = [base / f"w{i}" for i in range(args.workers)]
         network = netns.Network.create(args.workers, rate_mbit=args.rate_mbit) if shaped else None
         procs: list[subprocess.Popen[bytes]] = []
@@ -200,6 +201,7 @@ def summarize(args: argparse.Namespace, results: list[dict[str, Any]], *, shaped
           + ("" if full else "; some rounds were not one group of all workers"))
     return {
         "bench": "utilization", "utilization": round(utilization, 4), "overlap": overlap,
+        "overlap_steps": args.overlap_steps,
         "not_blocked": round(statistics.mean(r["not_blocked"] for r in results), 4), "workers": n,
         "shaped": shaped,
         "rate_mbit": args.rate_mbit if shaped else None, "inner_steps": args.inner_steps,
