@@ -48,7 +48,7 @@ def exported(run_dir: Path) -> Path:
 
 def theta_g(run_dir: Path, epoch: int) -> torch.nn.Module:
     """The run's model holding theta_g of `epoch`, built here from the checkpoint, not by worker.export."""
-    # The run overlaps its outer steps: its last checkpoint is a step into the phase after the last landing.
+    # An overlapped run's last checkpoint is a few steps into the phase after its last landing (-step-S).
     (path,) = sorted((run_dir / "checkpoints").glob(f"epoch-{epoch:06d}*"))[-1:]
     state, _ = read_checkpoint(path)
     model = build_model("tiny", seed=0, vocab_min=ByteTokenizer.vocab_size)
@@ -244,8 +244,7 @@ def test_plot_of_a_real_run(run_dir: Path) -> None:
     from worker.plot import collect
 
     (peer,) = collect(run_dir)
-    # 2 rounds of 4 steps, and the step at which the last (overlapped) round lands: epoch 2 + 1/4.
-    assert len(peer.inner) == 9 and peer.inner[-1][0] == 2.25
+    assert len(peer.inner) == 8 and peer.inner[-1][0] == 2.0
     assert [x for x, _ in peer.inner] == sorted(x for x, _ in peer.inner)
     assert main(["plot", str(run_dir)]) == 0 and (run_dir / "loss.png").stat().st_size > 0
 

@@ -2,7 +2,7 @@
 real worker stopped with a round in flight that resumes exactly.
 
 The multi-worker behaviour (bitwise agreement with and without int8, a peer killed mid-round) is
-tested in test_swarm.py and test_catchup.py, whose workers overlap by default.
+tested in test_swarm.py, whose workers overlap (``--overlap on``; the default is off).
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def test_a_round_that_did_not_step_gives_the_local_model_its_own_delta_back() ->
 
 @pytest.mark.parametrize(
     ("argv", "land_at"),
-    [([], 6), (["--inner-steps", "4"], 1), (["--overlap-steps", "20"], 20), (["--overlap", "off"], None),
-     (["--inner-steps", "1"], None)],
+    [([], None), (["--overlap", "on"], 6), (["--overlap", "on", "--inner-steps", "4"], 1),
+     (["--overlap", "on", "--overlap-steps", "20"], 20), (["--overlap", "on", "--inner-steps", "1"], None)],
 )
 def test_where_the_outer_step_lands(argv: list[str], land_at: int | None) -> None:
     cfg = config(["--inner-steps", "50", *argv] if "--inner-steps" not in argv else argv)
@@ -95,7 +95,8 @@ def test_where_the_outer_step_lands(argv: list[str], land_at: int | None) -> Non
 
 @pytest.mark.parametrize(
     ("values", "message"),
-    [({("train", "inner_steps"): 10, ("outer", "overlap_steps"): 10}, "overlap_steps (10) must be below"),
+    [({("train", "inner_steps"): 10, ("outer", "overlap"): "on", ("outer", "overlap_steps"): 10},
+      "overlap_steps (10) must be below"),
      ({("outer", "overlap_steps"): 0}, "positive number of inner steps"),
      ({("outer", "overlap"): "maybe"}, "outer.overlap")],
 )
@@ -109,7 +110,8 @@ def test_a_stop_with_a_round_in_flight_resumes_to_the_same_hash(tmp_path: Path) 
     """SIGTERM's path (the ``stop_in_flight`` seam asks for the stop at the first inner step after the
     launch, so the round is surely in flight): the checkpoint holds the round, the restart lands it at
     the same inner step, and the run ends as one that never stopped."""
-    args = ["--inner-steps", "10", "--max-epochs", "4", "--batch-size", "2", "--seq-len", "32"]
+    args = ["--inner-steps", "10", "--max-epochs", "4", "--batch-size", "2", "--seq-len", "32",
+            "--overlap", "on"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_worker(straight, *args).returncode == 0
     resumed.mkdir()

@@ -17,8 +17,9 @@ import torch
 from tests.helpers import events, start_worker, stop, wait_for
 
 # Short rounds and short timeouts keep a 3-worker test within tens of seconds on 2 cores.
+# Overlapped outer steps here (the other multi-worker tests run the default, blocking round).
 SWARM = ["--inner-steps", "8", "--matchmaking-time", "2", "--request-timeout", "1",
-         "--averaging-timeout", "20", "--lr", "0.01"]
+         "--averaging-timeout", "20", "--lr", "0.01", "--overlap", "on"]
 
 
 def join_args(run_dir: Path) -> list[str]:

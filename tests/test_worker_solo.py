@@ -28,8 +28,7 @@ def test_trains_alone_and_writes_the_metrics_contract(tmp_path: Path) -> None:
     assert "--initial-peers /ip4/127.0.0.1/tcp/" in result.stderr
 
     inner = events(run_dir, "inner_step")
-    # 6 rounds of 5, and the step the last overlapped round lands at (--overlap-steps auto: 1 at H=5).
-    assert len(inner) == 31 and [r["epoch"] for r in inner[-2:]] == [5, 6]
+    assert len(inner) == 30
     assert {"epoch", "step", "loss", "tokens", "lr", "time"} <= set(inner[0])
     # From the untrained model's loss (about ln 259 = 5.6) to clearly lower, whatever shard this worker reads.
     # The median of the last 3 rounds: the shard (seeded by the random peer id) may run into an odd file of
@@ -112,7 +111,7 @@ def test_run_dir_of_another_run_or_model_is_refused(tmp_path: Path) -> None:
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
     run_dir = tmp_path / "w"
     assert run_worker(run_dir, *ROUND, "--max-epochs", "3").returncode == 0
-    (latest_dir,) = (run_dir / "checkpoints").glob("epoch-000003*")  # the last round lands a step in
+    (latest_dir,) = (run_dir / "checkpoints").glob("epoch-000003*")  # (overlapped: -step-S, a step in)
     latest = latest_dir / "global.safetensors"
     data = bytearray(latest.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -211,10 +211,11 @@ class OuterConfig(_Section):
     nesterov: bool = True
     """Use Nesterov momentum in the outer step (DiLoCo's default)."""
 
-    overlap: Literal["on", "off"] = "on"
+    overlap: Literal["on", "off"] = "off"
     """on: the outer step's all-reduce runs while the next inner phase trains from the pre-average theta_g,
     and lands (theta_g steps, the local model moves by the same change) at inner step overlap_steps of
-    that phase; off: training waits at every outer step until the all-reduce is done."""
+    that phase; off: training waits at every outer step until the all-reduce is done. Off by default: its
+    measured cost in held-out loss is above 1% (bench/convergence.py, see the README)."""
 
     overlap_steps: int | Literal["auto"] = "auto"
     """The inner step of the next phase at which an overlapped outer step lands (training waits there if
