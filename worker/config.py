@@ -215,7 +215,7 @@ class OuterConfig(_Section):
     """on: the outer step's all-reduce runs while the next inner phase trains from the pre-average theta_g,
     and lands (theta_g steps, the local model moves by the same change) at inner step overlap_steps of
     that phase; off: training waits at every outer step until the all-reduce is done. Off by default: its
-    measured cost in held-out loss is above 1% (bench/convergence.py, see the README)."""
+    measured cost in held-out loss is above the 1 percent bound (bench/convergence.py, see the README)."""
 
     overlap_steps: int | Literal["auto"] = "auto"
     """The inner step of the next phase at which an overlapped outer step lands (training waits there if
