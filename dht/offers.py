@@ -11,6 +11,7 @@ newcomer trusts nothing else: the manifest hash pins every byte it downloads.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 import pydantic.v1 as pydantic
@@ -20,8 +21,11 @@ from hivemind.utils.multiaddr import Multiaddr
 OFFER_TTL = 60.0
 MAX_ENDPOINTS = 8
 _HEX64 = r"^[0-9a-f]{64}$"
-# "1.2.3.4:5678" or "[v6]:5678"; fetch parses it again, this only keeps junk out of the DHT.
-_ENDPOINT = r"^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:.]{2,45}\]):\d{1,5}$"
+# "1.2.3.4:5678", "[v6]:5678" or "host.name:5678" (a peer that announces a DNS name, such as a compose
+# service); fetch parses it again, this only keeps junk out of the DHT.
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = rf"\d{{1,3}}(\.\d{{1,3}}){{3}}|\[[0-9a-fA-F:.]{{2,45}}\]|{_LABEL}(\.{_LABEL}){{0,8}}"
+_ENDPOINT = rf"^({_HOST}):\d{{1,5}}$"
 
 
 class Offer(pydantic.BaseModel):
@@ -37,9 +41,12 @@ class Offer(pydantic.BaseModel):
 
 
 def tcp_endpoints(maddrs: Iterable[Multiaddr | str], port: int) -> list[str]:
-    """``ip:port`` endpoints for a StateServer on ``port``, from the IPs of this peer's DHT multiaddrs.
+    """``host:port`` endpoints for a StateServer on ``port``, from the IPs and DNS names of this peer's
+    DHT multiaddrs.
 
-    Non-loopback addresses first (what other machines can reach), loopback last, no duplicates.
+    Non-loopback addresses first (what other machines can reach), loopback last, no duplicates. A DNS
+    name (``/dns4/bootstrap/...``, what a peer that announces a name gives) is passed on as it is: the
+    fetching peer resolves it, as it resolves the same name to dial the DHT.
     """
     found: list[str] = []
     for item in maddrs:
@@ -47,6 +54,13 @@ def tcp_endpoints(maddrs: Iterable[Multiaddr | str], port: int) -> list[str]:
             maddr = item if isinstance(item, Multiaddr) else Multiaddr(str(item))
         except Exception:  # an address this multiaddr library cannot parse gives no endpoint
             continue
+        for proto in ("dns4", "dns6", "dns"):
+            try:
+                name = maddr.value_for_protocol(proto)
+            except Exception:  # protocol absent from this multiaddr
+                continue
+            if re.match(_ENDPOINT, f"{name}:{port}") and f"{name}:{port}" not in found:
+                found.append(f"{name}:{port}")
         for proto in ("ip4", "ip6"):
             try:
                 ip = ipaddress.ip_address(maddr.value_for_protocol(proto))

@@ -637,10 +637,12 @@ def test_offer_schema_is_strict() -> None:
 
     good = offer_for(snapshot_of(make_state()), "p", 1234).dict()
     Offer.parse_obj(good)
-    for field, value in (("epoch", 1.0), ("total_bytes", -1), ("tcp", ["x:1"] * 1),
+    for field, value in (("epoch", 1.0), ("total_bytes", -1), ("tcp", ["bad host:1"]), ("tcp", ["-x:1"]),
                          ("tcp", ["1.2.3.4:5"] * 9),
                          ("param_sha256", "A" * 64)):
         with pytest.raises(pydantic.ValidationError):
             Offer.parse_obj({**good, field: value})
-    maddrs = ["/ip4/127.0.0.1/tcp/1", "/ip4/10.1.2.3/tcp/2", "/ip6/::1/tcp/3", "/ip4/10.1.2.3/udp/4/quic-v1"]
-    assert tcp_endpoints(maddrs, 9000) == ["10.1.2.3:9000", "127.0.0.1:9000", "[::1]:9000"]
+    maddrs = ["/ip4/127.0.0.1/tcp/1", "/ip4/10.1.2.3/tcp/2", "/ip6/::1/tcp/3", "/ip4/10.1.2.3/udp/4/quic-v1",
+              "/dns4/bootstrap/tcp/31337"]
+    assert tcp_endpoints(maddrs, 9000) == ["10.1.2.3:9000", "bootstrap:9000", "127.0.0.1:9000", "[::1]:9000"]
+    Offer.parse_obj({**good, "tcp": tcp_endpoints(maddrs, 9000)})
