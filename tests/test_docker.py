@@ -1,10 +1,10 @@
-"""The docker files, checked without a Docker engine (this machine has none).
+"""The docker files, checked statically; tests/test_compose.py builds the CPU image and runs the compose
+file for real with podman.
 
-What can be checked here: the compose file is valid against the Compose specification's
-JSON schema (shipped in the docker-compose 1.29.2 wheel, which `make install` adds
-without its dependencies, as data only), and every service runs the same `worker start`
-the other tests run, with options and image environment our config accepts. Building
-the images and `docker compose up` were not run here (README says so).
+Checked here: the compose file is valid against the Compose specification's JSON schema (shipped in
+the docker-compose 1.29.2 wheel, which `make install` adds without its dependencies, as data only),
+every service runs the same `worker start` the other tests run, with options, image environment and
+passed-through settings that our config accepts. The CUDA image is never built here (no GPU).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from worker.cli import _cli_values, build_parser
-from worker.config import load_config
+from worker.config import field_specs, load_config
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 
@@ -102,3 +102,21 @@ def test_compose_services_join_the_bootstrap_by_service_name_and_keep_state_in_v
     # Replicas share one volume, each in its own run dir: no two workers on one run dir (the lock would
     # refuse).
     assert "$$(hostname)" in " ".join(services["worker"]["command"])
+
+
+def test_services_restart_and_pass_through_only_real_settings() -> None:
+    services = compose_file()["services"]
+    known = {spec.env for spec in field_specs()}
+    for name, service in services.items():
+        assert service["restart"] == "unless-stopped", name  # a killed worker comes back
+        passed = service["environment"]
+        # Bare names: compose passes the shell's value when it is set, nothing otherwise.
+        assert passed and all("=" not in item and item in known for item in passed), \
+            (name, set(passed) - known)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_images_take_their_base_as_a_build_argument(dockerfile: str) -> None:
+    lines = (DOCKER / dockerfile).read_text().splitlines()
+    base = next(i for i, line in enumerate(lines) if line.startswith("ARG BASE="))
+    assert lines[base + 1] == "FROM ${BASE}"
