@@ -15,6 +15,7 @@ from dht.lineage import ANCESTRY, Head
 
 # A record older than this is a peer that left (or crashed): it disappears from views and status.
 RECORD_TTL = 60.0
+MAX_SETTINGS = 64
 
 
 class ProgressRecord(pydantic.BaseModel):
@@ -46,6 +47,17 @@ class ProgressRecord(pydantic.BaseModel):
     # This peer's clock minus the swarm's, as it estimates it (dht.clock; None: no estimate yet). For
     # `worker status`, and so that a peer can tell whether the others agree among themselves.
     clock_offset: pydantic.StrictFloat | None
+    # The run-wide settings this peer trains with (model, data, schedule, optimizers, compression; the
+    # worker decides which), so that a joiner given only an address trains with the run's.
+    settings: dict[pydantic.StrictStr, pydantic.StrictBool | pydantic.StrictInt | pydantic.StrictFloat
+                   | pydantic.StrictStr | None] = {}
+
+    @pydantic.validator("settings")
+    def _bounded(cls, value: dict) -> dict:  # noqa: N805 (pydantic's validator signature)
+        if len(value) > MAX_SETTINGS or any(len(k) > 64 or (isinstance(v, str) and len(v) > 512)
+                                            for k, v in value.items()):
+            raise ValueError(f"at most {MAX_SETTINGS} settings, names of 64 and values of 512 characters")
+        return value
 
     def head(self) -> Head:
         return Head(peer_id=self.peer_id, epoch=self.epoch, param_sha256=self.param_sha256,

@@ -8,6 +8,7 @@ published, never copied field by field.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from hivemind.utils import get_dht_time
 
@@ -88,7 +89,8 @@ class RoundState:
         return Head(peer_id=peer_id, epoch=self.epoch, param_sha256=self.param_sha256,
                     trained_tokens=self.trained_tokens, ancestry=self.ancestry)
 
-    def record(self, *, peer_id: str, maddrs: list[str], origin: str) -> ProgressRecord:
+    def record(self, *, peer_id: str, maddrs: list[str], origin: str,
+               settings: dict[str, Any] | None = None) -> ProgressRecord:
         """The progress record this state publishes (strict types: the DHT's schema compares them exactly)."""
         # NaN is not comparable in the schema check: -1 stands for "none yet".
         loss = self.loss if self.loss == self.loss else -1.0
@@ -101,4 +103,5 @@ class RoundState:
             eval_epoch=self.eval_epoch, eval_loss=float(eval_loss), trained_tokens=int(self.trained_tokens),
             ancestry=list(self.ancestry),
             clock_offset=None if self.clock_offset is None else float(self.clock_offset),
+            settings=settings or {},
         )

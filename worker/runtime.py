@@ -35,11 +35,12 @@ from checkpoints import (
 )
 from checkpoints.transfer import StateTransferError
 from dht import lifeline
-from dht.board import load_or_create_record_key, run_validators
+from dht.board import PROGRESS, SignedBoard, load_or_create_record_key, run_validators
 from dht.claims import DHTClaims
 from dht.clock import join_refusal
 from dht.clock import verdict as clock_verdict
 from dht.node import SwarmError, SwarmNode
+from worker import run_settings
 from worker.children import kill_descendants, reap_leftovers, record_children
 from worker.config import WorkerConfig
 from worker.console import RoundProgress, notice
@@ -60,6 +61,9 @@ from worker.train import InnerTrainer
 
 if TYPE_CHECKING:
     import hivemind
+
+# How many times a joiner reads its entry peers' records for the run's settings, a second apart.
+SETTINGS_READS = 5
 
 
 def listen_host(host_maddrs: list[str]) -> str:
@@ -147,13 +151,17 @@ class Worker:
         self.faults = FaultPlan.from_env()
         self.faults.shift_clock()  # a no-op unless a test asks; before the DHT and averager fork
         self._lock_run_dir()
-        model = self._build_model()
         dht = self._join_swarm()
+        self._take_run_settings(dht)  # before anything is built from the settings
+        model = self._build_model()
+        self._watch_swarm(dht)
         self._start_helpers(dht)
         self._build_training(model)
         self.disk.load_latest()
         self.state.param_sha256 = param_sha256(dict(zip(self.names, self.outer.params, strict=True)))
-        self.swarm.publish(force=True)
+        self.swarm.publish(force=True, wait=True)
+        # Only now: whoever waits for peer.json to join this peer finds its record, settings included.
+        self.node.write_peer_file(self.run_dir / "peer.json")
         self._resources.callback(self.swarm.leave)  # peers stop waiting for this one at once, not at its TTL
         self._started = True
         self._announce(count_parameters(model))
@@ -246,15 +254,42 @@ class Worker:
         except SwarmError as e:
             # hivemind's bootstrap refuses a newcomer whose clock is over 3 s off its initial peers'.
             raise WorkerError(join_refusal(str(e)) or str(e)) from None
-        self.node.write_peer_file(self.run_dir / "peer.json")
         self.peer_id = self.node.peer_id
         self._signer = RSASignatureValidator(record_key)
         self._maddrs = [str(m) for m in self.node.visible_maddrs()]
+        return dht
+
+    def _take_run_settings(self, dht: hivemind.DHT) -> None:
+        """A joiner trains with the run's settings; those it was given must agree (worker.run_settings).
+
+        The live peers' progress records carry them. A peer that joins through an entry point reads a few
+        times: an entry peer publishes its record before it writes the peer.json others join it by, but
+        the DHT lookup may still miss it right after the bootstrap."""
+        board = SignedBoard(dht=dht, run_id=self.cfg.run.run_id, kind=PROGRESS)
+        found = None
+        for attempt in range(SETTINGS_READS if self.cfg.swarm.initial_peers else 1):
+            if attempt:
+                time.sleep(1.0)
+            try:
+                others = [r.settings for r in board.read() if r.peer_id != self.peer_id]
+                found = run_settings.swarm_settings(others)
+            except Exception as e:  # a DHT hiccup: train with this peer's own settings
+                notice(f"could not read the run's settings ({e}): using this peer's own")
+            if found is not None:
+                break
+        if found is None:
+            return  # the first peer of the run (or peers too old to say): its settings are the run's
+        theirs, peers = found
+        self.cfg, adopted = run_settings.reconcile(self.cfg, theirs, peers)
+        notice(f"settings from the run ({peers} live peer(s)): {', '.join(adopted)}" if adopted
+               else f"settings agree with the run's ({peers} live peer(s))")
+
+    def _watch_swarm(self, dht: hivemind.DHT) -> None:
+        cfg = self.cfg
         self.swarm = SwarmView(dht=dht, run_id=cfg.run.run_id, peer_id=self.peer_id, signer=self._signer,
                                maddrs=self._maddrs, state=self.state, origin=self.origin,
-                               initial_peers=cfg.swarm.initial_peers)
+                               initial_peers=cfg.swarm.initial_peers, settings=run_settings.of(cfg))
         self._check_origin()
-        return dht
 
     def _check_origin(self) -> None:
         """A peer started from other weights than the run's live peers is refused before it trains."""

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
@@ -49,11 +50,13 @@ class SwarmView:
     def __init__(
         self, *, dht: hivemind.DHT, run_id: str, peer_id: str, signer: RSASignatureValidator,
         maddrs: list[str], state: RoundState, origin: str, initial_peers: Sequence[str] = (),
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.board = SignedBoard(dht=dht, run_id=run_id, kind=PROGRESS, signer=signer)
         self.run_id, self.peer_id = run_id, peer_id
         self.maddrs = maddrs
         self.origin = origin  # this run's initial weights: peers of another origin are not of this run
+        self.settings = settings or {}  # the run-wide settings it trains with (worker.run_settings)
         self._ignored: set[str] = set()  # peers of another origin already logged
         self.state = state  # what this peer publishes: its record is derived from it at each publish
         self._last_publish = 0.0
@@ -79,7 +82,8 @@ class SwarmView:
             return
         self._last_publish = now
         try:
-            record = self.state.record(peer_id=self.peer_id, maddrs=self.maddrs, origin=self.origin)
+            record = self.state.record(peer_id=self.peer_id, maddrs=self.maddrs, origin=self.origin,
+                                       settings=self.settings)
             self.board.publish(record, wait=wait)
         except Exception as e:  # a DHT hiccup must never stop training
             logger.warning("could not publish progress: %s", e)
