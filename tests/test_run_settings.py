@@ -16,7 +16,7 @@ from worker.config import load_config
 from worker.errors import WorkerError
 
 
-def test_a_joiner_takes_what_it_was_not_given_and_keeps_its_own() -> None:
+def test_a_joiner_takes_what_it_was_not_given_and_keeps_its_own(tmp_path: Path) -> None:
     run = load_config(environ={}, cli={("train", "inner_steps"): 10, ("outer", "outer_lr"): 0.4,
                                        ("data", "seq_len"): 128, ("train", "batch_size"): 32})
     joiner = load_config(environ={"WORKER_BATCH_SIZE": "4", "WORKER_DEVICE": "cpu"},
@@ -33,6 +33,11 @@ def test_a_joiner_takes_what_it_was_not_given_and_keeps_its_own() -> None:
     same = load_config(environ={}, cli={("outer", "outer_lr"): 0.4})
     assert run_settings.reconcile(same, theirs, peers=1)[1] == ["--seq-len 128", "--inner-steps 10"]
     assert run_settings.reconcile(run, theirs, peers=1) == (run, [])
+    # --init-from brings its own architecture: the run's preset is not forced on it.
+    other = run_settings.of(load_config(environ={}, cli={("model", "preset"): "150m"}))
+    (tmp_path / "config.json").write_text("{}")
+    init = load_config(environ={}, cli={("model", "init_from"): tmp_path})
+    assert run_settings.reconcile(init, other, peers=1)[0].architecture() == str(tmp_path)
 
 
 @pytest.mark.parametrize(("cli", "environ", "line"), [

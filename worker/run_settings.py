@@ -76,6 +76,8 @@ def reconcile(cfg: WorkerConfig, theirs: dict[str, Value], peers: int) -> tuple[
     adopted: dict[tuple[str, str], Any] = {}
     for section, name in RUN_WIDE:
         k = key(section, name)
+        if (section, name) == ("model", "preset") and cfg.model.init_from is not None:
+            continue  # --init-from brings its architecture; the origin check tells whether it is the run's
         if k not in theirs or theirs[k] == mine[k] or _same_number(theirs[k], mine[k]):
             continue
         flag = _FLAGS[(section, name)]
