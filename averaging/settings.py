@@ -65,9 +65,9 @@ class PayloadTimeouts:
 
     * one attempt: ``SETUP_S + MARGIN * allreduce_bytes(S, N) / rate``, at the rate measured
       (``LinkRate``) or ``floor``; its cap for any group (``attempt_cap_s``) is the floor's at 2 S;
-    * the chunk silence timeout: ``max(MIN_NEXT_CHUNK_S, (TRANSPORT_BUFFER + CHUNKS_AHEAD *
-      chunk_bytes) * CONGESTION / floor)``: what may be queued ahead of one stream, drained by a
-      link at a quarter of the floor (29 s for int8 chunks, 39 s for fp32);
+    * the chunk silence timeout: ``max(MIN_NEXT_CHUNK_S, min(TRANSPORT_BUFFER + CHUNKS_AHEAD *
+      chunk_bytes, 2 S) * CONGESTION / floor)``: what may be queued ahead of one stream, drained by a
+      link at a quarter of the floor (29 s for int8 chunks, 39 s for fp32; 11.5 s for the tiny model);
     * a whole round (``round_s``): two matchmaking windows and requests, a dead peer's detection
       (``2 * next_chunk_s``) and two attempts, i.e. room for one retry.
     """
@@ -99,8 +99,12 @@ class PayloadTimeouts:
 
     @property
     def next_chunk_s(self) -> float:
-        """Silence after which a member is dead: what the chunks queued ahead of it take when congested."""
-        queued = TRANSPORT_BUFFER + CHUNKS_AHEAD * self.chunk_bytes
+        """Silence after which a member is dead: what the chunks queued ahead of it take when congested.
+
+        Nothing more than a member sends in the whole attempt (at most 2 S) can be queued ahead of its
+        next chunk: a small model's dead peer is caught in seconds, not in the half minute that a
+        full transport buffer takes to drain."""
+        queued = min(TRANSPORT_BUFFER + CHUNKS_AHEAD * self.chunk_bytes, 2 * self.payload_bytes)
         return max(MIN_NEXT_CHUNK_S, queued * CONGESTION / self.floor)
 
     def round_s(self, settings: RoundSettings, group_size: int | None, rate: float | None = None) -> float:

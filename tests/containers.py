@@ -184,6 +184,17 @@ class Compose:
         [net] = json.loads(self.podman("network", "inspect", f"{self.project}_default"))
         return net["subnets"][0]["gateway"]
 
+    def dump_logs(self, directory: Path) -> None:
+        """Each container's output into directory/<name>.log, and its tail on stdout (shown on failure)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        label = f"label=io.podman.compose.project={self.project}"
+        for name in self.podman("ps", "-a", "--format", "{{.Names}}", "--filter", label).split():
+            done = subprocess.run(["podman", "logs", name], capture_output=True, text=True,
+                                  env=self.podman.env, timeout=30)
+            text = done.stdout + done.stderr
+            (directory / f"{name}.log").write_text(text)
+            print(f"--- {name} (last lines)\n" + "\n".join(text.splitlines()[-15:]))
+
     def leftovers(self) -> dict[str, list[str]]:
         """What of this project still exists: container, volume and network ids."""
         label = f"label=io.podman.compose.project={self.project}"

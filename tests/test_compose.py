@@ -51,7 +51,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> containers.Podman:
 
 
 @pytest.fixture
-def swarm(podman: containers.Podman) -> Iterator[containers.Compose]:
+def swarm(podman: containers.Podman, tmp_path: Path) -> Iterator[containers.Compose]:
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", PORT)) == 0:
             pytest.fail(f"port {PORT} (the compose file's published port) is taken on this machine")
@@ -59,6 +59,7 @@ def swarm(podman: containers.Podman) -> Iterator[containers.Compose]:
     try:
         yield project
     finally:
+        project.dump_logs(tmp_path / "logs")
         project.down()
     assert project.leftovers() == {"containers": [], "volumes": [], "networks": []}
 
@@ -95,7 +96,7 @@ def test_compose_swarm_averages_restarts_a_killed_worker_and_scales(
     began = time.monotonic()
     swarm("up", "-d", "--scale", "worker=3")
     dirs = wait_for(lambda: (d := run_dirs(swarm)) and len(d) == 4 and all(p.exists() for p in d.values())
-                    and d, timeout=60, what="four containers with run dirs")
+                    and d, timeout=120, what="four containers with run dirs")
     first = wait_for(lambda: agreed(list(dirs.values()), 4), timeout=240, what="a round of 4 in agreement")
     print(f"up to a round of 4: {time.monotonic() - began:.0f}s (epoch {first})")
 

@@ -44,9 +44,13 @@ def test_attempt_round_and_chunk_silence_by_hand() -> None:
     assert payload.attempt_s(4, rate=12.5e6) == pytest.approx(10 + 2 * 375e6 / 12.5e6)  # 70 s measured
     # 8 MB of transport buffers and 16 fp32 chunks drained at a quarter of the floor: 39 s (int8: 29 s).
     assert payload.next_chunk_s == pytest.approx((8e6 + 16 * 262144) * 4 / 1.25e6)
-    assert PayloadTimeouts(payload_bytes=1, chunk_bytes=69632).next_chunk_s == pytest.approx(29.165, abs=1e-3)
-    # Never under 5 s, whatever the floor.
-    assert PayloadTimeouts(payload_bytes=1, chunk_bytes=69632, floor=125e6).next_chunk_s == 5.0
+    big = PayloadTimeouts(payload_bytes=10**9, chunk_bytes=69632)
+    assert big.next_chunk_s == pytest.approx(29.165, abs=1e-3)
+    # No more than a member sends in the attempt (2 S) can be queued: 2 * 1.8 MB * 4 / 1.25e6 = 11.52 s for
+    # the tiny model's fp32 payload. Never under 5 s, whatever the floor.
+    assert PayloadTimeouts(payload_bytes=1_800_000, chunk_bytes=262144).next_chunk_s == pytest.approx(11.52)
+    assert PayloadTimeouts(payload_bytes=1, chunk_bytes=69632).next_chunk_s == 5.0
+    assert PayloadTimeouts(payload_bytes=10**9, chunk_bytes=69632, floor=125e6).next_chunk_s == 5.0
     settings = RoundSettings(matchmaking_time=5, request_timeout=3, allreduce_timeout=810,
                              next_chunk_timeout=13.0)
     # Two lookups (5 + 3), a dead peer's detection (2 * 13) and two attempts (2 * 410).
@@ -81,12 +85,12 @@ def test_averager_derives_its_timeouts_from_the_template() -> None:
     template = [torch.zeros(1_000_000)]
     averager = SwarmAverager(dht=None, run_id="t", template=template, compression="int8",  # type: ignore[arg-type]
                              allreduce_timeout=None, next_chunk_timeout=None, client_mode=False)
-    # Chunk silence: (8e6 + 16 * 69632) * 4 / 1.25e6 = 29.165 s; the cap (10 + 2 * 2 * 1_062_500 / 1.25e6
-    # = 13.4 s) is raised to twice that, RoundSettings' invariant.
-    silence = (8e6 + 16 * 69632) * 4 / 1.25e6
+    # Chunk silence: 2 S (less than the transport buffer) * 4 / 1.25e6 = 6.8 s; the cap (10 + 2 * 2 *
+    # 1_062_500 / 1.25e6 = 13.4 s) is raised to twice that, RoundSettings' invariant.
+    silence = 2 * 1_062_500 * 4 / 1.25e6
     assert averager.settings.next_chunk_timeout == pytest.approx(silence)
     assert averager.settings.allreduce_timeout == pytest.approx(2 * silence)
-    # Pair: 2 * (5 + 2) + 2 * silence + 2 * (10 + 2 * 1_062_500 / 1.25e6) = 14 + 58.33 + 23.4.
+    # Pair: 2 * (5 + 2) + 2 * silence + 2 * (10 + 2 * 1_062_500 / 1.25e6) = 14 + 13.6 + 23.4.
     assert averager.round_time(2) == pytest.approx(14 + 2 * silence + 23.4)
     averager.link.observe(bytes_sent=1_062_500, bytes_received=1_062_500, allreduce_s=0.1)  # 10.6 MB/s
     assert averager.round_time(2) == pytest.approx(14 + 2 * silence + 2 * (10 + 0.2))
