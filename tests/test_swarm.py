@@ -253,8 +253,10 @@ def test_a_peer_that_went_ahead_alone_rejoins_the_swarms_lineage(tmp_path: Path,
 
     dirs = [tmp_path / f"w{i}" for i in range(3)]
     # Rounds much longer than a matchmaking window, as in a real run: the lone peer's head start (the group
-    # waits out the window it left) is a fraction of a round, not several rounds of lone training.
-    rounds = [*SWARM, "--inner-steps", "40", "--min-peers", "3"]
+    # waits out the window it left) is a fraction of a round, not several rounds of lone training. With 40
+    # steps (about 1.1 s here on an idle machine) against the 2 s window, the lone peer trained more tokens
+    # per second than the pair, and the pair rightly followed it.
+    rounds = [*SWARM, "--inner-steps", "120", "--min-peers", "3"]
     procs.append(start_worker(dirs[0], *rounds, "--max-epochs", "6"))
     entry = join_args(dirs[0])
     procs.append(start_worker(dirs[1], *rounds, "--max-epochs", "6", *entry))
